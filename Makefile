@@ -1,0 +1,35 @@
+# The README's commands. `make serve` and `make test` each set up everything they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build from the machine's local wheel; other spellings fetch a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint bench clean
+
+$(BIN)/charlm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/charlm
+
+serve: install
+	$(BIN)/charlm serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/ruff check charlm app tests benchmarks
+	$(BIN)/mypy charlm app
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/generate_speed.py
+	$(BIN)/python benchmarks/load.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,515 @@
+"""The generation engine: one worker thread owns the model and decodes all requests together.
+
+Each step the worker admits waiting requests (prefilling each seed in one nn.LSTM call), runs one
+batched LSTM step for every active row, samples each row from its own random stream, hands each
+character to its request, and retires rows that are finished, cancelled or out of time. Requests
+join between steps (continuous batching), so nobody waits for another request to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from charlm.model import CharLSTM
+from charlm.sampling import MAX_RANDOM_SEED, RowSampler, SamplingParams, new_random_seed, sample_rows
+from charlm.vocab import UnknownCharactersError, Vocab
+
+__all__ = [
+    "Engine",
+    "EngineLimits",
+    "GenerationRequest",
+    "GenerationResult",
+    "Generation",
+    "RequestError",
+    "QueueFullError",
+    "EngineClosedError",
+    "GenerationFailed",
+]
+
+FinishReason = Literal["length", "stop", "cancelled", "timeout"]
+
+# Matrix multiplies with fewer rows take another kernel whose float rounding differs, so a request
+# would not sample the same text alone as in a batch. Padding every step to at least this many
+# rows keeps each row's arithmetic identical whatever the batch (checked by the tests).
+MIN_ROWS = 8
+
+
+class RequestError(ValueError):
+    """A request is invalid; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str, chars: list[str] | None = None):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.chars = field, message, chars or []
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; try again later."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down or stopped and admits no new work."""
+
+
+class GenerationFailed(RuntimeError):
+    """This request failed inside the engine; other requests were not affected."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_length: int = 2000  # characters generated per request
+    max_seed_chars: int = 10_000  # characters of seed text per request
+    max_batch: int = 64  # rows decoded together in one step
+    max_queue: int = 256  # requests waiting to be admitted before submit() refuses
+    max_stop: int = 4  # stop strings per request
+    max_stop_chars: int = 64  # characters per stop string
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    seed: str
+    length: int = 200
+    scale_factor: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    random_seed: int | None = None
+    stop: tuple[str, ...] = ()
+    timeout: float | None = None  # seconds from submission; the request then ends with "timeout"
+
+
+@dataclass
+class GenerationResult:
+    text: str  # seed + generated, as the notebook returned it
+    generated: str
+    finish_reason: FinishReason
+    random_seed: int
+    usage: dict[str, int]
+    timings: dict[str, float]
+
+
+def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> None:
+    """Refuse a request with an error naming the field and the limit."""
+    if not request.seed:
+        raise RequestError("seed", "must contain at least 1 character")
+    if len(request.seed) > limits.max_seed_chars:
+        raise RequestError("seed", f"has {len(request.seed)} characters; the limit is {limits.max_seed_chars}")
+    unknown = vocab.unknown(request.seed)
+    if unknown:
+        raise RequestError("seed", str(UnknownCharactersError(unknown)), chars=unknown)
+    if not 1 <= request.length <= limits.max_length:
+        raise RequestError("length", f"must be between 1 and {limits.max_length}, got {request.length}")
+    try:
+        SamplingParams(request.scale_factor, request.top_k, request.top_p)
+    except ValueError as exc:
+        field_name = str(exc).split(" ", 1)[0]
+        raise RequestError(field_name, str(exc).split(" ", 1)[1]) from None
+    if request.random_seed is not None and not 0 <= request.random_seed <= MAX_RANDOM_SEED:
+        raise RequestError("random_seed", f"must be between 0 and {MAX_RANDOM_SEED}")
+    if len(request.stop) > limits.max_stop:
+        raise RequestError("stop", f"at most {limits.max_stop} strings, got {len(request.stop)}")
+    for s in request.stop:
+        if not 1 <= len(s) <= limits.max_stop_chars:
+            raise RequestError("stop", f"each string must have 1 to {limits.max_stop_chars} characters")
+    if request.timeout is not None and not request.timeout > 0:
+        raise RequestError("timeout", f"must be > 0 seconds, got {request.timeout}")
+
+
+class Generation:
+    """A handle on one submitted request: iterate characters, wait for the result, or cancel.
+
+    Usable from threads (`for ch in gen`, `gen.result()`) and from asyncio (`async for`, `await
+    gen.wait()`); the worker thread pushes events, consumers never block the worker.
+    """
+
+    def __init__(self, request: GenerationRequest, random_seed: int, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self.random_seed = random_seed
+        self.submitted = time.perf_counter()
+        self.deadline = self.submitted + request.timeout if request.timeout else None
+        self.first_char_at: float | None = None
+        self._chunks: collections.deque[str] = collections.deque()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._cond = threading.Condition()
+        self._cancelled = False
+        self._loop = loop
+        self._async_event = asyncio.Event() if loop else None
+
+    # --- producer side (worker thread) ---
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        if self._loop and self._async_event:
+            try:
+                self._loop.call_soon_threadsafe(self._async_event.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+
+    def _emit(self, text: str) -> None:
+        if text:
+            if self.first_char_at is None:
+                self.first_char_at = time.perf_counter()
+            self._chunks.append(text)
+            self._notify()
+
+    def _finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+        self._notify()
+
+    # --- consumer side ---
+    def cancel(self) -> None:
+        """Ask the worker to drop this request; it frees its row at the next step."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _outcome(self) -> GenerationResult:
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        return self._outcome()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._done.is_set():
+                    self._cond.wait()
+            while self._chunks:
+                yield self._chunks.popleft()
+            if self._done.is_set() and not self._chunks:
+                return
+
+    async def wait(self) -> GenerationResult:
+        async for _ in self:
+            pass
+        return self._outcome()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        assert self._async_event is not None, "submit from the event loop to consume asynchronously"
+        while True:
+            while self._chunks:
+                yield self._chunks.popleft()
+            if self._done.is_set():
+                if self._chunks:
+                    continue
+                return
+            self._async_event.clear()
+            if self._chunks or self._done.is_set():
+                continue
+            await self._async_event.wait()
+
+
+@dataclass
+class _Row:
+    """An active request's decoding state besides the batched LSTM state."""
+
+    gen: Generation
+    sampler: RowSampler
+    token: int
+    generated: list[str] = field(default_factory=list)
+    emitted: int = 0
+    admitted: float = 0.0
+    prefill_s: float = 0.0
+    decode_start: float = 0.0
+
+
+class _Decoder:
+    """One LSTM step for many rows, with the weights laid out for it.
+
+    The embedding is folded into layer 0's input projection (a (vocab, 4*hidden) table lookup), the
+    two biases are summed, and every buffer is allocated once, so a step allocates nothing.
+    """
+
+    def __init__(self, model: CharLSTM, rows: int):
+        cfg = model.config
+        lstm, dev = model.lstm, model.fc.weight.device
+        self.layers, self.hidden = cfg.layers, cfg.hidden
+        w = {name: p.detach().float() for name, p in lstm.named_parameters()}
+        self.table0 = model.embedding.weight.detach().float() @ w["weight_ih_l0"].t() + w["bias_ih_l0"] + w["bias_hh_l0"]
+        self.w_ih = [w[f"weight_ih_l{k}"].t().contiguous() for k in range(cfg.layers)]
+        self.w_hh = [w[f"weight_hh_l{k}"].t().contiguous() for k in range(cfg.layers)]
+        self.bias = [w[f"bias_ih_l{k}"] + w[f"bias_hh_l{k}"] for k in range(cfg.layers)]
+        self.fc_w = model.fc.weight.detach().float().t().contiguous()
+        self.fc_b = model.fc.bias.detach().float()
+        self.h = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
+        self.c = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
+        self.gates = torch.empty(rows, 4 * cfg.hidden, device=dev)
+        self.tmp = torch.empty(rows, cfg.hidden, device=dev)
+        self.logits = torch.empty(rows, cfg.vocab_size, device=dev)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+
+    def step(self, n: int) -> torch.Tensor:
+        """Advance rows [0, n) by their token in `self.tokens`; return their logits (a view)."""
+        r = max(n, MIN_ROWS)
+        hs = self.hidden
+        gates, tmp = self.gates[:r], self.tmp[:r]
+        x: torch.Tensor | None = None
+        for k in range(self.layers):
+            h, c = self.h[k, :r], self.c[k, :r]
+            if k == 0:
+                torch.index_select(self.table0, 0, self.tokens[:r], out=gates)
+            else:
+                assert x is not None
+                torch.addmm(self.bias[k], x, self.w_ih[k], out=gates)
+            gates.addmm_(h, self.w_hh[k])
+            gates[:, : 2 * hs].sigmoid_()
+            gates[:, 2 * hs : 3 * hs].tanh_()
+            gates[:, 3 * hs :].sigmoid_()
+            c.mul_(gates[:, hs : 2 * hs]).addcmul_(gates[:, :hs], gates[:, 2 * hs : 3 * hs])
+            torch.tanh(c, out=tmp)
+            torch.mul(gates[:, 3 * hs :], tmp, out=h)
+            x = h
+        assert x is not None
+        torch.addmm(self.fc_b, x, self.fc_w, out=self.logits[:r])
+        return self.logits[:n]
+
+    def load_row(self, i: int, state: tuple[torch.Tensor, torch.Tensor], token: int) -> None:
+        self.h[:, i].copy_(state[0][:, 0])
+        self.c[:, i].copy_(state[1][:, 0])
+        self.tokens[i] = token
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.h[:, dst].copy_(self.h[:, src])
+        self.c[:, dst].copy_(self.c[:, src])
+        self.tokens[dst] = self.tokens[src]
+
+
+class Engine:
+    """Continuous-batching text generation over one model, on CPU or CUDA."""
+
+    def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None):
+        self.model = model.eval()
+        self.vocab = vocab
+        self.limits = limits or EngineLimits()
+        self.device = model.fc.weight.device
+        self._decoder = _Decoder(model, max(self.limits.max_batch, MIN_ROWS))
+        self._vocab_size = len(vocab)
+        self._waiting: collections.deque[Generation] = collections.deque()
+        self._rows: list[_Row] = []
+        self._lock = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self.stats = {"steps": 0, "batch_rows": 0, "completed": 0, "cancelled": 0, "failed": 0, "timeouts": 0}
+        self._thread = threading.Thread(target=self._run, name="charlm-engine", daemon=True)
+        self._thread.start()
+
+    # --- public API ---
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        """Validate and enqueue; raises RequestError, QueueFullError or EngineClosedError at once."""
+        validate(request, self.vocab, self.limits)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        seed = request.random_seed if request.random_seed is not None else new_random_seed()
+        gen = Generation(request, seed, loop)
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosedError("the engine is shutting down and accepts no new requests")
+            if len(self._waiting) >= self.limits.max_queue:
+                raise QueueFullError(f"queue is full ({self.limits.max_queue} waiting requests)")
+            self._waiting.append(gen)
+            self._lock.notify()
+        return gen
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Submit and wait: the synchronous convenience for scripts and the CLI."""
+        return self.submit(request).result(timeout)
+
+    def close(self, grace: float = 10.0) -> None:
+        """Stop admitting; let in-flight work finish for up to `grace` seconds, cancel the rest, stop."""
+        with self._lock:
+            self._accepting = False
+            self._lock.notify()
+        end = time.monotonic() + grace
+        while (self._rows or self._waiting) and time.monotonic() < end and self._thread.is_alive():
+            time.sleep(0.01)
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=max(grace, 1.0))
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- worker ---
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stop and not self._rows and not self._waiting:
+                        self._lock.wait()
+                    if self._stop:
+                        break
+                self._admit()
+                if self._rows:
+                    self._step()
+        for row in self._rows:
+            self._finish(row, "cancelled")
+        while self._waiting:
+            self._waiting.popleft()._finish(None, EngineClosedError("the engine stopped before this request ran"))
+        self._rows.clear()
+
+    def _admit(self) -> None:
+        while len(self._rows) < self.limits.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                gen = self._waiting.popleft()
+            if gen.cancelled or (gen.deadline and time.perf_counter() > gen.deadline):
+                reason: FinishReason = "cancelled" if gen.cancelled else "timeout"
+                self._finish(_Row(gen, RowSampler(SamplingParams(), 0), 0, admitted=time.perf_counter()), reason)
+                continue
+            try:
+                self._prefill(gen)
+            except Exception as exc:  # one bad request must not stop the worker
+                self.stats["failed"] += 1
+                gen._finish(None, GenerationFailed(f"prefill failed: {exc}"))
+
+    def _prefill(self, gen: Generation) -> None:
+        """Run the seed through nn.LSTM in one call and sample the first character from its end."""
+        req = gen.request
+        admitted = time.perf_counter()
+        ids = self.vocab.encode(req.seed).to(self.device)[None]
+        logits, state, _ = self.model(ids)
+        sampler = RowSampler(SamplingParams(req.scale_factor, req.top_k, req.top_p), gen.random_seed)
+        row = _Row(gen, sampler, 0, admitted=admitted)
+        row.token = int(self._sample([row], logits[:, -1])[0])
+        row.prefill_s = time.perf_counter() - admitted
+        row.decode_start = time.perf_counter()
+        if self._advance(row):
+            return
+        self._decoder.load_row(len(self._rows), state, row.token)
+        self._rows.append(row)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        params = [r.sampler.params for r in rows]
+        scale = torch.tensor([p.scale_factor for p in params], device=logits.device)
+        top_k = torch.tensor([p.top_k or self._vocab_size for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p if p.top_p is not None else 2.0 for p in params], device=logits.device)
+        uniforms = torch.tensor([r.sampler.uniform() for r in rows], dtype=torch.float64)
+        return sample_rows(logits, scale, top_k, top_p, uniforms).tolist()
+
+    def _step(self) -> None:
+        n = len(self._rows)
+        self.stats["steps"] += 1
+        self.stats["batch_rows"] += n
+        try:
+            logits = self._decoder.step(n)
+            tokens = self._sample(self._rows, logits)
+        except Exception as exc:  # a failure of the batched step: fail these rows, keep the worker
+            for row in self._rows:
+                self.stats["failed"] += 1
+                row.gen._finish(None, GenerationFailed(f"decode step failed: {exc}"))
+            self._rows.clear()
+            return
+        retire: list[int] = []
+        for i, (row, token) in enumerate(zip(self._rows, tokens)):
+            row.token = token
+            self._decoder.tokens[i] = token
+            try:
+                if self._advance(row):
+                    retire.append(i)
+            except Exception as exc:
+                self.stats["failed"] += 1
+                row.gen._finish(None, GenerationFailed(f"generation failed: {exc}"))
+                retire.append(i)
+        for i in reversed(retire):
+            self._retire(i)
+
+    def _retire(self, i: int) -> None:
+        """Free row i by moving the last active row into its place."""
+        last = len(self._rows) - 1
+        if i != last:
+            self._decoder.move_row(last, i)
+            self._rows[i] = self._rows[last]
+        self._rows.pop()
+
+    def _advance(self, row: _Row) -> bool:
+        """Record the row's newly sampled token; finish the request if it is done. True = retire."""
+        gen, req = row.gen, row.gen.request
+        if gen.cancelled:
+            return self._finish(row, "cancelled")
+        if gen.deadline and time.perf_counter() > gen.deadline:
+            return self._finish(row, "timeout")
+        row.generated.append(self.vocab.chars[row.token])
+        text = "".join(row.generated[-self.limits.max_stop_chars :]) if req.stop else ""
+        for s in req.stop:
+            if text.endswith(s):
+                del row.generated[len(row.generated) - len(s) :]
+                return self._finish(row, "stop")
+        if len(row.generated) >= req.length:
+            return self._finish(row, "length")
+        held = _held_back(text, req.stop)
+        upto = len(row.generated) - held
+        if upto > row.emitted:
+            gen._emit("".join(row.generated[row.emitted : upto]))
+            row.emitted = upto
+        return False
+
+    def _finish(self, row: _Row, reason: FinishReason) -> bool:
+        gen = row.gen
+        gen._emit("".join(row.generated[row.emitted :]))
+        row.emitted = len(row.generated)
+        now = time.perf_counter()
+        generated = "".join(row.generated)
+        decode_s = now - row.decode_start if row.decode_start else 0.0
+        key = {"cancelled": "cancelled", "timeout": "timeouts"}.get(reason, "completed")
+        self.stats[key] += 1
+        gen._finish(
+            GenerationResult(
+                text=gen.request.seed + generated,
+                generated=generated,
+                finish_reason=reason,
+                random_seed=gen.random_seed,
+                usage={"seed_chars": len(gen.request.seed), "generated_chars": len(generated)},
+                timings={
+                    "queue_ms": round((row.admitted - gen.submitted) * 1e3, 3),
+                    "prefill_ms": round(row.prefill_s * 1e3, 3),
+                    "generate_ms": round(decode_s * 1e3, 3),
+                    "chars_per_s": round(len(generated) / decode_s, 1) if decode_s > 0 else 0.0,
+                },
+            )
+        )
+        return True
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters might begin a stop string, and so must not be streamed yet."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:n]):
+                held = n
+                break
+    return held

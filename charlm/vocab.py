@@ -1,0 +1,70 @@
+"""The character vocabulary: ids <-> characters, saved with the weights so a model is usable alone."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Vocab", "UnknownCharactersError"]
+
+
+class UnknownCharactersError(ValueError):
+    """Text holds characters the model never saw; `chars` names them."""
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        shown = ", ".join(repr(c) for c in self.chars[:20])
+        more = f" and {len(self.chars) - 20} more" if len(self.chars) > 20 else ""
+        super().__init__(f"characters not in the model's vocabulary: {shown}{more}")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Characters in id order (sorted at construction from text, so ids are deterministic)."""
+
+    chars: tuple[str, ...]
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
+            raise ValueError("a vocabulary is a list of distinct single characters")
+        object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.chars)})
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        return cls(tuple(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __contains__(self, char: object) -> bool:
+        return char in self._index
+
+    def unknown(self, text: str) -> list[str]:
+        """Characters of `text` that are not in the vocabulary, sorted, each once."""
+        return sorted(set(text) - self._index.keys())
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Text → int64 tensor of ids; raises UnknownCharactersError naming what is missing."""
+        try:
+            return torch.tensor([self._index[c] for c in text], dtype=torch.long)
+        except KeyError:
+            raise UnknownCharactersError(self.unknown(text)) from None
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps(list(self.chars), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, data: str) -> Vocab:
+        chars = json.loads(data)
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise ValueError("vocabulary JSON must be a list of characters")
+        return cls(tuple(chars))

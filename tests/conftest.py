@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny corpus and a tiny trained model, built here, never read from ../shared."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm.checkpoint import Checkpoint, load_checkpoint
+from charlm.train import TrainConfig, train
+
+# Tiny models gain nothing from threads, and a second thread only fights whatever else runs.
+torch.set_num_threads(1)
+
+WORDS = (
+    "the engineer and the sailor walked along the shore of the island while the reporter "
+    "wrote in his notebook and the boy gathered wood for the fire near the granite cliff"
+).split()
+
+
+def make_corpus(n_sentences: int = 1200, seed: int = 0) -> str:
+    """English-like text with real structure (capitals, punctuation, word order) to learn from."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n_sentences):
+        start = rng.randrange(len(WORDS) - 8)
+        words = WORDS[start : start + rng.randint(4, 8)]
+        sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?"]))
+    return " ".join(sentences) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(make_corpus(), encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus: Path, out: Path, **overrides: object) -> TrainConfig:
+    options: dict[str, object] = dict(
+        corpus=str(corpus), out=str(out), embed=16, hidden=48, layers=2, dropout=0.0, seq_len=32,
+        batch_size=8, lr=1e-2, steps=150, eval_interval=50, warmup_steps=10, device="cpu",
+    )
+    options.update(overrides)
+    return TrainConfig(**options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_path(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    train(tiny_config(corpus_path, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint_path: Path) -> Checkpoint:
+    return load_checkpoint(tiny_checkpoint_path)

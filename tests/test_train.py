@@ -1,0 +1,114 @@
+import http.server
+import json
+import math
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm.checkpoint import load_checkpoint, read_safetensors
+from charlm.corpus_source import fetch_corpus
+from charlm.text import load_corpus, split_text
+from charlm.train import ResumeError, evaluate, train
+from tests.conftest import make_corpus, tiny_config
+
+
+def unigram_bits(text: str) -> float:
+    counts = Counter(text)
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def test_held_out_loss_falls_well_below_unigram_entropy(tiny_checkpoint_path: Path, corpus_path: Path) -> None:
+    ckpt = load_checkpoint(tiny_checkpoint_path)
+    _, val = split_text(load_corpus(corpus_path))
+    bpc = evaluate(ckpt.model, ckpt.vocab.encode(val))["bpc"]
+    assert bpc < 0.6 * unigram_bits(val), (bpc, unigram_bits(val))
+    assert ckpt.train["val_bpc"] == pytest.approx(bpc, abs=1e-3)
+    assert ckpt.train["steps"] == 150 and ckpt.train["corpus_sha256"]
+
+
+def test_writes_metrics_and_plot(tiny_checkpoint_path: Path) -> None:
+    rows = [json.loads(line) for line in tiny_checkpoint_path.with_suffix(".metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_bpc" in r] == [50, 100, 150]
+    assert any("chars_per_s" in r for r in rows)
+    assert tiny_checkpoint_path.with_suffix(".loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_reaches_the_same_step_position_and_weights(corpus_path: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole.safetensors"
+    train(tiny_config(corpus_path, whole, steps=60, eval_interval=30, dropout=0.1))
+    parts = tmp_path / "parts.safetensors"
+    train(tiny_config(corpus_path, parts, steps=30, eval_interval=30, dropout=0.1))
+    # the schedule is defined by the total, so the first half ran with steps=30: restart its state as 60
+    first = tiny_config(corpus_path, parts, steps=60, eval_interval=30, dropout=0.1, resume=True)
+    result = train(first)
+    assert result.step == 60
+    saved = {
+        name: json.loads(read_safetensors(p.with_suffix(".state.safetensors"))[1]["charlm.state"])
+        for name, p in (("whole", whole), ("parts", parts))
+    }
+    for key in ("step", "epoch", "window", "chars"):
+        assert saved["whole"][key] == saved["parts"][key], key
+
+
+def test_resume_is_bit_exact_when_the_schedule_matches(corpus_path: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole.safetensors"
+    train(tiny_config(corpus_path, whole, steps=40, eval_interval=20, dropout=0.1))
+    part = tmp_path / "part.safetensors"
+    cfg = tiny_config(corpus_path, part, steps=40, eval_interval=20, dropout=0.1)
+
+    def stop_after_20(row: dict) -> None:
+        if "val_bpc" in row and row["step"] == 20 and not getattr(stop_after_20, "fired", False):
+            stop_after_20.fired = True  # type: ignore[attr-defined]
+            raise KeyboardInterrupt  # as Ctrl-C would, once
+
+    interrupted = train(cfg, stop_after_20)
+    assert interrupted.interrupted and interrupted.step == 20
+    cfg.resume = True
+    train(cfg)
+    a, _ = read_safetensors(whole.with_suffix(".state.safetensors"))
+    b, _ = read_safetensors(part.with_suffix(".state.safetensors"))
+    for name in a:
+        if name.startswith("model."):
+            assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_resume_refuses_another_corpus_or_architecture(corpus_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    train(tiny_config(corpus_path, out, steps=10, eval_interval=10))
+    other = tmp_path / "other.txt"
+    other.write_text(make_corpus(seed=1))
+    with pytest.raises(ResumeError, match="different corpus"):
+        train(tiny_config(other, out, steps=20, eval_interval=10, resume=True))
+    with pytest.raises(ResumeError, match="architecture"):
+        train(tiny_config(corpus_path, out, steps=20, eval_interval=10, hidden=24, resume=True))
+
+
+def test_url_corpus_is_downloaded_once(corpus_path: Path, tmp_path: Path) -> None:
+    hits: list[str] = []
+    body = corpus_path.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/files/1268-0.txt"
+        first = fetch_corpus(url, tmp_path / "cache")
+        second = fetch_corpus(url, tmp_path / "cache")
+    finally:
+        server.shutdown()
+    assert first == second and first.read_bytes() == body and first.name.endswith("1268-0.txt")
+    assert hits == ["/files/1268-0.txt"]
