@@ -172,16 +172,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (settings also from CHARLM_* variables)")
+    p.add_argument("--checkpoint", help="default: $CHARLM_CHECKPOINT or the shipped model")
+    p.add_argument("--host", help="default: $CHARLM_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: $CHARLM_PORT or 8000")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: $CHARLM_DEVICE or auto)")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Load the checkpoint first, so a bad one fails in one line instead of a server traceback."""
+    import logging
+
+    from charlm.checkpoint import load_checkpoint
+    from charlm.train import resolve_device
+
+    try:
+        from app.server import serve
+        from app.settings import Settings
+    except ImportError as exc:
+        raise OSError(f"the HTTP service is not installed ({exc}); install charlm with its dependencies") from None
+    overrides = {k: v for k, v in vars(args).items() if k in ("checkpoint", "host", "port", "device") and v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    checkpoint = load_checkpoint(settings.checkpoint, resolve_device(settings.device))
+    serve(settings, checkpoint)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charlm", description="Character-level LSTM language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_serve(sub)
     return parser
 
 
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate}
+_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "serve": _cmd_serve}
 
 
 def _sigterm(_signum: int, _frame: Any) -> None:

@@ -1,0 +1,150 @@
+"""create_app(settings): the FastAPI application. The lifespan loads the checkpoint and starts the engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import errors
+from app.metrics import Metrics
+from app.routes import docs, generate, health, metrics
+from app.settings import Settings
+from charlm import __version__
+from charlm.checkpoint import Checkpoint, load_checkpoint
+from charlm.engine import Engine, EngineLimits, GenerationRequest
+from charlm.train import resolve_device
+
+log = logging.getLogger("charlm")
+STATIC = Path(__file__).parent / "static"
+
+
+def _warm_up(engine: Engine) -> None:
+    """One real generation, so /ready means the whole path works, not just that weights loaded."""
+    seed = "The" if not engine.vocab.unknown("The") else engine.vocab.chars[0]
+    engine.generate(GenerationRequest(seed=seed, length=16, random_seed=0), timeout=60)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    ckpt: Checkpoint = app.state.checkpoint or await run_in_threadpool(
+        load_checkpoint, settings.checkpoint, resolve_device(settings.device)
+    )
+    limits = EngineLimits(max_length=settings.max_length, max_seed_chars=settings.max_seed_chars,
+                          max_batch=settings.max_batch, max_queue=settings.max_queue)
+    engine = Engine(ckpt.model, ckpt.vocab, limits)
+    app.state.checkpoint, app.state.engine = ckpt, engine
+    await run_in_threadpool(_warm_up, engine)
+    app.state.ready = True
+    log.info("ready: %s on %s (%d parameters)", settings.checkpoint.name, engine.device, ckpt.model.num_parameters())
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        await run_in_threadpool(engine.close, settings.grace_seconds)
+
+
+class BodyLimit:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = errors.error_response(413, f"request body over the limit of {self.max_bytes} bytes")
+        await response({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class RequestMetrics:
+    """Counts and times every request by route template and status (pure ASGI: streaming-safe)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None = None) -> FastAPI:
+    """The service. `checkpoint` may be preloaded (the CLI checks it before starting the server)."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="charlm",
+        version=__version__,
+        description="Character-level LSTM text generation. Try `POST /generate` below: press "
+        "*Try it out*, then *Execute*.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings, app.state.checkpoint = settings, checkpoint
+    app.state.engine, app.state.ready, app.state.draining = None, False, False
+    app.state.metrics = Metrics(lambda: app.state.engine)
+    errors.install(app)
+    for module in (generate, health, metrics, docs):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    return app
+
+
+def app_factory() -> Any:
+    """For `uvicorn --factory app.main:app_factory`: settings from the environment."""
+    return create_app()
