@@ -57,7 +57,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class BodyLimit:
-    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks."""
+    """413 in the common error shape for bodies over the limit, announced or streamed in chunks.
+
+    The body (small by definition) is read up front and replayed to the app, after which the
+    original `receive` is handed through so handlers still see the client disconnect.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -65,34 +69,32 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, send)
+        buffered: list[Message] = []
+        size, more = 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(scope, send)
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
 
-    async def _refuse(self, send: Send) -> None:
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
         response = errors.error_response(413, f"request body over the limit of {self.max_bytes} bytes")
-        await response({"type": "http"}, _no_receive, send)
+        await response(scope, _disconnected, send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _no_receive() -> Message:
+async def _disconnected() -> Message:
     return {"type": "http.disconnect"}
 
 

@@ -77,7 +77,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated, corrupt, or another format: {exc}); "

@@ -244,7 +244,8 @@ class _Decoder:
         lstm, dev = model.lstm, model.fc.weight.device
         self.layers, self.hidden = cfg.layers, cfg.hidden
         w = {name: p.detach().float() for name, p in lstm.named_parameters()}
-        self.table0 = model.embedding.weight.detach().float() @ w["weight_ih_l0"].t() + w["bias_ih_l0"] + w["bias_hh_l0"]
+        embedding = model.embedding.weight.detach().float()
+        self.table0 = embedding @ w["weight_ih_l0"].t() + w["bias_ih_l0"] + w["bias_hh_l0"]
         self.w_ih = [w[f"weight_ih_l{k}"].t().contiguous() for k in range(cfg.layers)]
         self.w_hh = [w[f"weight_hh_l{k}"].t().contiguous() for k in range(cfg.layers)]
         self.bias = [w[f"bias_ih_l{k}"] + w[f"bias_hh_l{k}"] for k in range(cfg.layers)]

@@ -167,7 +167,9 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _save_state(cfg: TrainConfig, model: CharLSTM, opt: torch.optim.Optimizer, carry: State, info: dict[str, Any]) -> None:
+def _save_state(
+    cfg: TrainConfig, model: CharLSTM, opt: torch.optim.Optimizer, carry: State, info: dict[str, Any]
+) -> None:
     """Everything needed to continue exactly, as safetensors + JSON: loading it never unpickles."""
     sd = opt.state_dict()
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -34,7 +34,7 @@ def test_standard_names_load_into_plain_modules(saved: tuple[Path, CharLSTM, Voc
 
     path, _, vocab = saved
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta = f.metadata()
     assert meta["charlm.format"] == "1" and json.loads(meta["charlm.vocab"]) == list(vocab.chars)
     lstm = torch.nn.LSTM(4, 8, num_layers=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -38,7 +38,7 @@ async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) 
         )
     except RequestError as exc:
         metrics.rejections.labels("invalid").inc()
-        detail = {"field": exc.field, "type": "value_error", "message": exc.message}
+        detail: dict[str, Any] = {"field": exc.field, "type": "value_error", "message": exc.message}
         if exc.chars:
             detail["unknown_characters"] = exc.chars
         raise ApiError(422, f"invalid request: {exc.field}", [detail]) from None
