@@ -62,8 +62,9 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
+    code: {"model": ErrorResponse, "description": text, "content": {"application/json": {}}}
     for code, text in {
+        400: "the body is not valid JSON",
         401: "missing or wrong API key",
         413: "request body too large",
         422: "invalid request: the field and the limit are named",

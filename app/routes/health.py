@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from app.deps import Authorized
 from app.errors import error_response
+from app.schemas import ERROR_RESPONSES
 from charlm import __version__
 
 router = APIRouter(tags=["service"])
@@ -18,7 +19,8 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: 503 until the model is loaded and warmed up, and while shutting down")
+@router.get("/ready", summary="Readiness: 503 until the model is loaded and warmed up, and while shutting down",
+            responses={503: ERROR_RESPONSES[503]})
 async def ready(request: Request) -> Any:
     state = request.app.state
     if state.draining:
@@ -28,7 +30,8 @@ async def ready(request: Request) -> Any:
     return {"status": "ready"}
 
 
-@router.get("/info", dependencies=[Authorized], summary="The model card, limits, device and version")
+@router.get("/info", dependencies=[Authorized], summary="The model card, limits, device and version",
+            responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 503)})
 async def info(request: Request) -> dict[str, Any]:
     state = request.app.state
     if not state.ready:

@@ -1,0 +1,33 @@
+# charlm service image. CPU PyTorch by default; for CUDA build with e.g.
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t charlm:cuda .
+# and run with --gpus all -e CHARLM_DEVICE=cuda.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY charlm ./charlm
+COPY app ./app
+RUN pip install .
+
+FROM ${PYTHON_IMAGE}
+RUN useradd --create-home --uid 10001 charlm
+COPY --from=build /opt/venv /opt/venv
+COPY --chown=charlm:charlm models /srv/charlm/models
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    CHARLM_CHECKPOINT=/srv/charlm/models/mysterious_island.safetensors \
+    CHARLM_HOST=0.0.0.0 \
+    CHARLM_PORT=8000
+USER charlm
+WORKDIR /srv/charlm
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
+CMD ["charlm", "serve"]

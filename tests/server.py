@@ -1,0 +1,73 @@
+"""Starting the service the way the container does, as a real process on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dockerfile_cmd() -> list[str]:
+    """The image's exact exec-form CMD line."""
+    match = re.search(r"^CMD (\[.*\])\s*$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert match, "Dockerfile has no exec-form CMD"
+    cmd: list[str] = json.loads(match.group(1))
+    executable = shutil.which(cmd[0], path=str(Path(sys.executable).parent)) or shutil.which(cmd[0])
+    assert executable, f"{cmd[0]} is not installed"
+    return [executable, *cmd[1:]]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[str], port: int):
+        self.process, self.url = process, f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"server exited early: {self.process.stdout.read() if self.process.stdout else ''}"
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server never became ready")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@contextmanager
+def running_server(checkpoint: Path, **env: str) -> Iterator[Server]:
+    port = free_port()
+    environment = {**os.environ, "CHARLM_CHECKPOINT": str(checkpoint), "CHARLM_DEVICE": "cpu",
+                   "CHARLM_HOST": "127.0.0.1", "CHARLM_PORT": str(port), "CHARLM_THREADS": "1", **env}
+    process = subprocess.Popen(dockerfile_cmd(), env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    server = Server(process, port)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)

@@ -1,0 +1,127 @@
+"""The service as a real uvicorn process started by the Dockerfile's CMD, over real sockets."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server import ROOT, running_server
+
+
+def test_ready_generate_and_graceful_sigterm(tiny_checkpoint_path: Path) -> None:
+    env = {"CHARLM_MAX_LENGTH": "200000", "CHARLM_DRAIN_SECONDS": "1.5", "CHARLM_GRACE_SECONDS": "60"}
+    with running_server(tiny_checkpoint_path, **env) as server:
+        r = httpx.post(f"{server.url}/generate", json={"seed": "The ", "length": 50, "random_seed": 1}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["generated"]) == 50
+
+        in_flight: dict[str, httpx.Response] = {}
+
+        def long_request() -> None:
+            in_flight["r"] = httpx.post(f"{server.url}/generate", json={"seed": "The ", "length": 6000}, timeout=90)
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        while server.metric("charlm_active_rows") < 1:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
+        refused = httpx.post(f"{server.url}/generate", json={"seed": "The ", "length": 5}, timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
+        worker.join(timeout=90)
+        assert in_flight["r"].status_code == 200, (in_flight["r"].text, server.process.stdout.read() if server.process.poll() is not None and server.process.stdout else "")
+        assert len(in_flight["r"].json()["generated"]) == 6000
+        assert server.process.wait(timeout=30) == 0
+        assert "Traceback" not in (server.process.stdout.read() if server.process.stdout else "")
+
+
+def test_client_disconnect_cancels_generation(tiny_checkpoint_path: Path) -> None:
+    with running_server(tiny_checkpoint_path, CHARLM_MAX_LENGTH="200000") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = b'{"seed": "The ", "length": 200000}'
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            while server.metric("charlm_active_rows") < 1:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while server.metric("charlm_cancellations_total") < 1:
+            assert time.monotonic() < deadline, "non-streaming generation not cancelled"
+            time.sleep(0.05)
+        assert server.metric("charlm_active_rows") == 0
+
+        with httpx.stream("POST", f"{server.url}/generate/stream", json={"seed": "The ", "length": 200000},
+                          timeout=30) as r:
+            for _ in r.iter_lines():
+                break
+        deadline = time.monotonic() + 10
+        while server.metric("charlm_cancellations_total") < 2:
+            assert time.monotonic() < deadline, "streaming generation not cancelled"
+            time.sleep(0.05)
+
+
+def test_missing_checkpoint_exits_with_one_clear_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.server import dockerfile_cmd
+
+    result = subprocess.run(dockerfile_cmd(), env={"CHARLM_CHECKPOINT": str(tmp_path / "gone.safetensors"),
+                                                    "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "checkpoint not found" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_schemathesis_finds_no_server_errors(tiny_checkpoint_path: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with running_server(tiny_checkpoint_path, CHARLM_MAX_LENGTH="300") as server:
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
+             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+             "response_schema_conformance", "--max-examples", "150", "--seed", "1", "--workers", "1",
+             "--report-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=400, cwd=ROOT,
+        )
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "passed" in result.stdout.lower()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromedriver").exists(), reason="chromium-driver is not installed "
+                    "(.ci/run installs Debian's chromium and chromium-driver)")
+def test_docs_page_try_it_out_works_offline(tiny_checkpoint_path: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with running_server(tiny_checkpoint_path) as server:
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-dev-shm-usage",
+                     # cut the network: every host but loopback fails to resolve
+                     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        try:
+            driver.get(f"{server.url}/docs")
+            wait = WebDriverWait(driver, 30)
+            wait.until(ec.element_to_be_clickable((By.ID, "operations-generate-generate_generate_post"))).click()
+            wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, ".try-out__btn"))).click()
+            wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, ".execute"))).click()
+            status = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status")))
+            body = driver.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_description").text
+            assert status.text.strip().startswith("200"), status.text
+            assert '"generated"' in body and '"The island' in body
+        finally:
+            driver.quit()
