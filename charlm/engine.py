@@ -41,6 +41,9 @@ FinishReason = Literal["length", "stop", "cancelled", "timeout"]
 # rows keeps each row's arithmetic identical whatever the batch (checked by the tests).
 MIN_ROWS = 8
 
+# Seeds are prefilled in chunks of this many characters, one budget of them per worker loop.
+PREFILL_CHUNK = 512
+
 
 class RequestError(ValueError):
     """A request is invalid; `field` names the offending field."""
@@ -219,6 +222,18 @@ class Generation:
 
 
 @dataclass
+class _Prefill:
+    """A request whose seed is being run through the LSTM, chunk by chunk."""
+
+    gen: Generation
+    ids: torch.Tensor
+    pos: int = 0
+    state: tuple[torch.Tensor, torch.Tensor] | None = None
+    seconds: float = 0.0
+    admitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
 class _Row:
     """An active request's decoding state besides the batched LSTM state."""
 
@@ -306,6 +321,7 @@ class Engine:
         self._vocab_size = len(vocab)
         self._waiting: collections.deque[Generation] = collections.deque()
         self._rows: list[_Row] = []
+        self._prefilling: collections.deque[_Prefill] = collections.deque()
         self._lock = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -350,12 +366,15 @@ class Engine:
             self._accepting = False
             self._lock.notify()
         end = time.monotonic() + grace
-        while (self._rows or self._waiting) and time.monotonic() < end and self._thread.is_alive():
+        while self._busy() and time.monotonic() < end and self._thread.is_alive():
             time.sleep(0.01)
         with self._lock:
             self._stop = True
             self._lock.notify()
         self._thread.join(timeout=max(grace, 1.0))
+
+    def _busy(self) -> bool:
+        return bool(self._rows or self._waiting or self._prefilling)
 
     def __enter__(self) -> Engine:
         return self
@@ -368,7 +387,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not self._stop and not self._rows and not self._waiting:
+                    while not self._stop and not self._busy():
                         self._lock.wait()
                     if self._stop:
                         break
@@ -377,41 +396,67 @@ class Engine:
                     self._step()
         for row in self._rows:
             self._finish(row, "cancelled")
+        for job in self._prefilling:
+            self._finish(_Row(job.gen, RowSampler(SamplingParams(), 0), 0, admitted=job.admitted), "cancelled")
         while self._waiting:
             self._waiting.popleft()._finish(None, EngineClosedError("the engine stopped before this request ran"))
         self._rows.clear()
 
     def _admit(self) -> None:
-        while len(self._rows) < self.limits.max_batch:
+        """Move waiting requests into prefill while rows are free, then prefill up to a budget.
+
+        Seeds are run in fixed chunks of PREFILL_CHUNK characters, a budget's worth per loop
+        iteration, so a huge seed is interleaved with decode steps instead of stalling them. The
+        chunk boundaries depend only on the seed, so the text does not depend on other requests.
+        """
+        while len(self._rows) + len(self._prefilling) < self.limits.max_batch:
             with self._lock:
                 if not self._waiting:
-                    return
+                    break
                 gen = self._waiting.popleft()
             if gen.cancelled or (gen.deadline and time.perf_counter() > gen.deadline):
                 reason: FinishReason = "cancelled" if gen.cancelled else "timeout"
                 self._finish(_Row(gen, RowSampler(SamplingParams(), 0), 0, admitted=time.perf_counter()), reason)
                 continue
+            self._prefilling.append(_Prefill(gen, self.vocab.encode(gen.request.seed).to(self.device)[None]))
+        budget = PREFILL_CHUNK
+        while self._prefilling and budget > 0:
+            job = self._prefilling[0]
+            if job.gen.cancelled or (job.gen.deadline and time.perf_counter() > job.gen.deadline):
+                self._prefilling.popleft()
+                self._finish(_Row(job.gen, RowSampler(SamplingParams(), 0), 0, admitted=job.admitted),
+                             "cancelled" if job.gen.cancelled else "timeout")
+                continue
             try:
-                self._prefill(gen)
+                budget -= self._prefill_chunk(job)
             except Exception as exc:  # one bad request must not stop the worker
+                self._prefilling.popleft()
                 self.stats["failed"] += 1
-                gen._finish(None, GenerationFailed(f"prefill failed: {exc}"))
+                job.gen._finish(None, GenerationFailed(f"prefill failed: {exc}"))
 
-    def _prefill(self, gen: Generation) -> None:
-        """Run the seed through nn.LSTM in one call and sample the first character from its end."""
-        req = gen.request
-        admitted = time.perf_counter()
-        ids = self.vocab.encode(req.seed).to(self.device)[None]
-        logits, state, _ = self.model(ids)
+    def _prefill_chunk(self, job: _Prefill) -> int:
+        """Run the next chunk of a seed through nn.LSTM; at its end, sample the first character."""
+        chunk = job.ids[:, job.pos : job.pos + PREFILL_CHUNK]
+        started = time.perf_counter()
+        logits, job.state, _ = self.model(chunk, job.state)
+        job.pos += chunk.size(1)
+        job.seconds += time.perf_counter() - started
+        if job.pos < job.ids.size(1):
+            self._prefilling.rotate(-1)  # round robin: a long seed does not hold up short ones
+            return chunk.size(1)
+        self._prefilling.popleft()
+        gen, req = job.gen, job.gen.request
         sampler = RowSampler(SamplingParams(req.scale_factor, req.top_k, req.top_p), gen.random_seed)
-        row = _Row(gen, sampler, 0, admitted=admitted)
+        row = _Row(gen, sampler, 0, admitted=job.admitted)
+        sampling = time.perf_counter()
         row.token = int(self._sample([row], logits[:, -1])[0])
-        row.prefill_s = time.perf_counter() - admitted
+        row.prefill_s = job.seconds + (time.perf_counter() - sampling)
         row.decode_start = time.perf_counter()
-        if self._advance(row):
-            return
-        self._decoder.load_row(len(self._rows), state, row.token)
-        self._rows.append(row)
+        if not self._advance(row):
+            assert job.state is not None
+            self._decoder.load_row(len(self._rows), job.state, row.token)
+            self._rows.append(row)
+        return chunk.size(1)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         params = [r.sampler.params for r in rows]

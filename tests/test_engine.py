@@ -231,3 +231,14 @@ def test_shutdown_with_work_in_flight(tiny: Checkpoint) -> None:
     assert set(outcomes) <= {"cancelled", "refused", "length"} and "length" not in outcomes[-1:]
     with pytest.raises(EngineClosedError):
         eng.submit(GenerationRequest("The "))
+
+
+def test_a_huge_seed_does_not_stall_short_requests(tiny: Checkpoint, engine: Engine) -> None:
+    huge_seed = ("The engineer and the sailor walked along the shore. " * 200)[:10_000]
+    huge = engine.submit(GenerationRequest(huge_seed, length=5, random_seed=1))
+    short = engine.submit(GenerationRequest("The ", length=5, random_seed=1))
+    assert short.result(timeout=30).finish_reason == "length"
+    assert huge.result(timeout=30).finish_reason == "length"
+    assert short.first_char_at is not None and huge.first_char_at is not None
+    assert short.first_char_at < huge.first_char_at  # it was served while the long seed prefilled
+    assert huge.result().text == solo(tiny, huge.request)  # chunked prefill is still reproducible

@@ -1,0 +1,109 @@
+"""Generation speed: the notebook's sample() loop vs the charlm engine, same model, same run.
+
+Lines: one 500-character request; 64 concurrent 500-character requests (aggregate chars/s and
+each request's time to first character); a 10,000-character seed (prefill time). Also the
+physical reference: the decode step's FLOPs per character against this machine's measured
+matrix-multiply rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import MODEL, median
+from benchmarks.seed_recipe import NotebookRNN, sample
+from charlm.checkpoint import load_checkpoint
+from charlm.engine import Engine, EngineLimits, GenerationRequest
+
+SEED, LENGTH, SCALE = "The island", 500, 2.0
+
+
+def baseline_chars_per_s(ckpt, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    rnn = NotebookRNN.from_charlm(ckpt.model)
+    char2int = {c: i for i, c in enumerate(ckpt.vocab.chars)}
+    import numpy as np
+
+    char_array = np.array(ckpt.vocab.chars)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sample(rnn, char2int, char_array, SEED, LENGTH, SCALE)
+        runs.append(LENGTH / (time.perf_counter() - start))
+    return median(runs)
+
+
+def single_chars_per_s(engine: Engine, repeats: int) -> float:
+    runs = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        engine.generate(GenerationRequest(SEED, length=LENGTH, scale_factor=SCALE, random_seed=i))
+        runs.append(LENGTH / (time.perf_counter() - start))
+    return median(runs)
+
+
+def concurrent(engine: Engine, n: int) -> tuple[float, float, float]:
+    """Aggregate chars/s, median and worst time to first character (ms) for n simultaneous requests."""
+    start = time.perf_counter()
+    gens = [engine.submit(GenerationRequest(SEED, length=LENGTH, scale_factor=SCALE, random_seed=i))
+            for i in range(n)]
+    results = [g.result() for g in gens]
+    wall = time.perf_counter() - start
+    ttfc = [(g.first_char_at or 0) - g.submitted for g in gens]
+    chars = sum(r.usage["generated_chars"] for r in results)
+    return chars / wall, median(ttfc) * 1e3, max(ttfc) * 1e3
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def decode_flops_per_char(cfg) -> int:  # type: ignore[no-untyped-def]
+    """Multiply-adds of one decode step ×2: layer 0 hidden (its input is a table lookup), each
+    further layer's input and hidden projections, and the output layer."""
+    h = cfg.hidden
+    macs = h * 4 * h + (cfg.layers - 1) * 2 * h * 4 * h + h * cfg.vocab_size
+    return 2 * macs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", default=str(MODEL))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt.config
+    print(f"model {cfg.layers}x{cfg.hidden} (embed {cfg.embed}), {ckpt.model.num_parameters():,} parameters; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    base = baseline_chars_per_s(ckpt, args.repeats)
+    print(f"baseline  notebook sample(), 1 x {LENGTH} chars: {base:,.0f} chars/s")
+    with Engine(ckpt.model, ckpt.vocab, EngineLimits(max_batch=64, max_seed_chars=10_000)) as engine:
+        single = single_chars_per_s(engine, args.repeats)
+        print(f"charlm    1 request  x {LENGTH} chars: {single:,.0f} chars/s  = {single / base:.1f}x baseline "
+              "(target >= 10x)")
+        runs = [concurrent(engine, 64) for _ in range(args.repeats)]
+        agg = median([r[0] for r in runs])
+        print(f"charlm    64 requests x {LENGTH} chars: {agg:,.0f} chars/s aggregate = {agg / base:.1f}x baseline "
+              f"(target >= 40x); time to first char median {median([r[1] for r in runs]):.1f} ms, "
+              f"worst {max(r[2] for r in runs):.1f} ms (target < 100 ms)")
+        long_seed = ("The engineer looked at the sea. " * 400)[:10_000]
+        prefill = median([engine.generate(GenerationRequest(long_seed, length=1)).timings["prefill_ms"]
+                          for _ in range(args.repeats)])
+        print(f"charlm    10,000-char seed: prefill {prefill:.1f} ms ({10_000 / prefill * 1e3:,.0f} chars/s)")
+    rate = matmul_gflops()
+    flops = decode_flops_per_char(cfg)
+    limit = rate * 1e9 / flops
+    print(f"physical  decode step {flops / 1e6:.2f} MFLOP/char; measured matmul {rate:.1f} GFLOP/s -> limit "
+          f"{limit:,.0f} chars/s; batched charlm reaches {agg / limit:.0%} of it")
+
+
+if __name__ == "__main__":
+    main()
