@@ -22,7 +22,7 @@ serve: install
 	$(BIN)/charlm serve --host $(HOST) --port $(PORT)
 
 test: install
-	$(BIN)/ruff check charlm app tests benchmarks
+	$(BIN)/ruff check charlm app tests benchmarks scripts
 	$(BIN)/mypy charlm app
 	$(BIN)/pytest
 
