@@ -19,13 +19,13 @@ RUN pip install .
 FROM ${PYTHON_IMAGE}
 RUN useradd --create-home --uid 10001 charlm
 COPY --from=build /opt/venv /opt/venv
-COPY --chown=charlm:charlm models /srv/charlm/models
+COPY --chown=10001:10001 models /srv/charlm/models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CHARLM_CHECKPOINT=/srv/charlm/models/mysterious_island.safetensors \
     CHARLM_HOST=0.0.0.0 \
     CHARLM_PORT=8000
-USER charlm
+USER 10001:10001
 WORKDIR /srv/charlm
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \

@@ -458,13 +458,15 @@ class Engine:
             self._rows.append(row)
         return chunk.size(1)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """One id per row, each drawn with that row's settings and its own random stream."""
         params = [r.sampler.params for r in rows]
-        scale = torch.tensor([p.scale_factor for p in params], device=logits.device)
-        top_k = torch.tensor([p.top_k or self._vocab_size for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p if p.top_p is not None else 2.0 for p in params], device=logits.device)
+        dev = logits.device
+        scale = torch.tensor([p.scale_factor for p in params], device=dev)
+        top_k = torch.tensor([p.top_k or self._vocab_size for p in params], device=dev)
+        top_p = torch.tensor([p.top_p if p.top_p is not None else 2.0 for p in params], device=dev)
         uniforms = torch.tensor([r.sampler.uniform() for r in rows], dtype=torch.float64)
-        return sample_rows(logits, scale, top_k, top_p, uniforms).tolist()
+        return sample_rows(logits, scale, top_k, top_p, uniforms)
 
     def _step(self) -> None:
         n = len(self._rows)
@@ -472,7 +474,9 @@ class Engine:
         self.stats["batch_rows"] += n
         try:
             logits = self._decoder.step(n)
-            tokens = self._sample(self._rows, logits)
+            ids = self._sample(self._rows, logits)
+            self._decoder.tokens[:n].copy_(ids)
+            tokens = ids.tolist()
         except Exception as exc:  # a failure of the batched step: fail these rows, keep the worker
             for row in self._rows:
                 self.stats["failed"] += 1
@@ -482,7 +486,6 @@ class Engine:
         retire: list[int] = []
         for i, (row, token) in enumerate(zip(self._rows, tokens)):
             row.token = token
-            self._decoder.tokens[i] = token
             try:
                 if self._advance(row):
                     retire.append(i)

