@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,12 +26,19 @@ def _positive_int(value: str) -> int:
     return n
 
 
-def _positive_float(value: str) -> float:
+def _float(value: str) -> float:
     try:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (x > 0 and x != float("inf")):
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return x
+
+
+def _positive_float(value: str) -> float:
+    x = _float(value)
+    if x <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return x
 
@@ -50,10 +58,7 @@ def _fraction_or_one(value: str) -> float:
 
 
 def _dropout(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    x = _float(value)
     if not 0 <= x < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return x
