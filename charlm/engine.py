@@ -221,7 +221,7 @@ class Generation:
             await self._async_event.wait()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs are found in the queue by object, never compared by tensors
 class _Prefill:
     """A request whose seed is being run through the LSTM, chunk by chunk."""
 
@@ -399,7 +399,7 @@ class Engine:
         for row in self._rows:
             self._finish(row, "cancelled")
         for job in self._prefilling:
-            self._finish(_Row(job.gen, RowSampler(SamplingParams(), 0), 0, admitted=job.admitted), "cancelled")
+            self._finish_unstarted(job.gen, job.admitted, "cancelled")
         while self._waiting:
             self._waiting.popleft()._finish(None, EngineClosedError("the engine stopped before this request ran"))
         self._rows.clear()
@@ -417,8 +417,7 @@ class Engine:
                     break
                 gen = self._waiting.popleft()
             if gen.cancelled or (gen.deadline and time.perf_counter() > gen.deadline):
-                reason: FinishReason = "cancelled" if gen.cancelled else "timeout"
-                self._finish(_Row(gen, RowSampler(SamplingParams(), 0), 0, admitted=time.perf_counter()), reason)
+                self._finish_unstarted(gen, time.perf_counter(), "cancelled" if gen.cancelled else "timeout")
                 continue
             self._prefilling.append(_Prefill(gen, self.vocab.encode(gen.request.seed).to(self.device)[None]))
         budget = PREFILL_CHUNK
@@ -426,13 +425,13 @@ class Engine:
             job = self._prefilling[0]
             if job.gen.cancelled or (job.gen.deadline and time.perf_counter() > job.gen.deadline):
                 self._prefilling.popleft()
-                self._finish(_Row(job.gen, RowSampler(SamplingParams(), 0), 0, admitted=job.admitted),
-                             "cancelled" if job.gen.cancelled else "timeout")
+                self._finish_unstarted(job.gen, job.admitted, "cancelled" if job.gen.cancelled else "timeout")
                 continue
             try:
                 budget -= self._prefill_chunk(job)
             except Exception as exc:  # one bad request must not stop the worker
-                self._prefilling.popleft()
+                if job in self._prefilling:  # it may already have left the queue when it failed
+                    self._prefilling.remove(job)
                 self.stats["failed"] += 1
                 job.gen._finish(None, GenerationFailed(f"prefill failed: {exc}"))
 
@@ -459,6 +458,10 @@ class Engine:
             self._decoder.load_row(len(self._rows), job.state, row.token)
             self._rows.append(row)
         return chunk.size(1)
+
+    def _finish_unstarted(self, gen: Generation, admitted: float, reason: FinishReason) -> None:
+        """End a request that never reached a decode row (cancelled, timed out, or shut down)."""
+        self._finish(_Row(gen, RowSampler(SamplingParams(), 0), 0, admitted=admitted), reason)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """One id per row, each drawn with that row's settings and its own random stream."""
