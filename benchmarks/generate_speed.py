@@ -1,9 +1,9 @@
 """Generation speed: the notebook's sample() loop vs the charlm engine, same model, same run.
 
-Lines: one 500-character request; 64 concurrent 500-character requests (aggregate chars/s and
-each request's time to first character); a 10,000-character seed (prefill time). Also the
-physical reference: the decode step's FLOPs per character against this machine's measured
-matrix-multiply rate.
+Lines: one 500-character request; 64 concurrent 500-character requests, one seed shared by all
+and then one seed each (aggregate chars/s and each request's time to first character); a
+10,000-character seed (prefill time). Also the physical reference: the decode step's FLOPs per
+character against this machine's measured matrix-multiply rate.
 """
 
 from __future__ import annotations
@@ -44,10 +44,15 @@ def single_chars_per_s(engine: Engine, repeats: int) -> float:
     return median(runs)
 
 
-def concurrent(engine: Engine, n: int) -> tuple[float, float, float]:
-    """Aggregate chars/s, median and worst time to first character (ms) for n simultaneous requests."""
+DISTINCT = ("The engineer looked at the sea, and the settlers walked back to Granite House. " * 2)[:80]
+
+
+def concurrent(engine: Engine, n: int, distinct: bool = False) -> tuple[float, float, float]:
+    """Aggregate chars/s, median and worst time to first character (ms) for n simultaneous requests,
+    all seeded with SEED, or each with its own 10-character seed (no shared prefill)."""
+    seeds = [DISTINCT[i : i + 10] if distinct else SEED for i in range(n)]
     start = time.perf_counter()
-    gens = [engine.submit(GenerationRequest(SEED, length=LENGTH, scale_factor=SCALE, random_seed=i))
+    gens = [engine.submit(GenerationRequest(seeds[i], length=LENGTH, scale_factor=SCALE, random_seed=i))
             for i in range(n)]
     results = [g.result() for g in gens]
     wall = time.perf_counter() - start
@@ -94,6 +99,10 @@ def main() -> None:
         print(f"charlm    64 requests x {LENGTH} chars: {agg:,.0f} chars/s aggregate = {agg / base:.1f}x baseline "
               f"(target >= 40x); time to first char median {median([r[1] for r in runs]):.1f} ms, "
               f"worst {max(r[2] for r in runs):.1f} ms (target < 100 ms)")
+        runs = [concurrent(engine, 64, distinct=True) for _ in range(args.repeats)]
+        agg_distinct, worst = median([r[0] for r in runs]), max(r[2] for r in runs)
+        print(f"charlm    64 requests, 64 different seeds: {agg_distinct:,.0f} chars/s aggregate; "
+              f"time to first char median {median([r[1] for r in runs]):.1f} ms, worst {worst:.1f} ms")
         long_seed = ("The engineer looked at the sea. " * 400)[:10_000]
         prefill = median([engine.generate(GenerationRequest(long_seed, length=1)).timings["prefill_ms"]
                           for _ in range(args.repeats)])

@@ -63,10 +63,12 @@ def sample_rows(
     z = (logits.float() * scale[:, None].float()).double()
     z_sorted, order = torch.sort(z, dim=1, descending=True, stable=True)
     probs = torch.softmax(z_sorted, dim=1)
-    rank = torch.arange(z.size(1), device=z.device)
-    before = probs.cumsum(1) - probs  # probability of the more likely characters
-    keep = (rank[None, :] < top_k[:, None]) & (before < top_p[:, None].double())
-    cdf = (probs * keep).cumsum(1)
+    cdf = probs.cumsum(1)
+    if bool((top_k < z.size(1)).any()) or bool((top_p <= 1).any()):  # else every mask is all ones
+        rank = torch.arange(z.size(1), device=z.device)
+        before = cdf - probs  # probability of the more likely characters
+        keep = (rank[None, :] < top_k[:, None]) & (before < top_p[:, None].double())
+        cdf = (probs * keep).cumsum(1)
     target = uniforms.double()[:, None].to(z.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True).clamp_(max=z.size(1) - 1)
     return order.gather(1, choice).squeeze(1)

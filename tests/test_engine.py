@@ -7,7 +7,6 @@ import torch
 
 from charlm.checkpoint import Checkpoint
 from charlm.engine import (
-    MIN_ROWS,
     Engine,
     EngineClosedError,
     EngineLimits,
@@ -17,6 +16,7 @@ from charlm.engine import (
     RequestError,
     _Decoder,
 )
+from charlm.model import CharLSTM, ModelConfig
 
 
 @pytest.fixture()
@@ -36,28 +36,52 @@ def test_decode_step_matches_plain_nn_lstm(tiny: Checkpoint) -> None:
     with torch.inference_mode():
         expected, _, _ = model(ids[None])
         decoder = _Decoder(model, 4)
-        h0 = torch.zeros(model.config.layers, 1, model.config.hidden)
-        decoder.load_row(0, (h0, h0.clone()), int(ids[0]))
+        zeros = torch.zeros(model.config.layers, model.config.hidden)
+        decoder.load_row(0, zeros, zeros)
         for t in range(len(ids)):
             decoder.tokens[0] = ids[t]
             logits = decoder.step(1)
             assert torch.allclose(logits[0], expected[0, t], atol=1e-5), t
 
 
-def test_each_row_of_the_decode_step_is_independent_of_the_batch(tiny: Checkpoint) -> None:
+def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(tiny: Checkpoint) -> None:
+    model, vocab = tiny.model, tiny.vocab
+    seeds = ["the island while the reporter wrote in his notebook", "The engineer and the sailor", "wood", "T"]
+    ids = [vocab.encode(s) for s in seeds]
+    with torch.inference_mode():
+        decoder = _Decoder(model, 8)
+        together = decoder.prefill(0, ids).clone()
+        h_together = decoder.h[:, :4].clone()
+        for i, seq in enumerate(ids):
+            expected, (h, _), _ = model(seq[None])
+            assert torch.allclose(together[i], expected[0, -1], atol=1e-5), seeds[i]
+            assert torch.allclose(h_together[:, i], h[:, 0], atol=1e-5), seeds[i]
+            alone = decoder.prefill(5, [seq])
+            assert torch.equal(alone[0], together[i]), seeds[i]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size", ["tiny", "default"])
+def test_each_row_of_the_decode_step_is_independent_of_the_batch(tiny: Checkpoint, threads: int, size: str) -> None:
     torch.manual_seed(0)
-    decoder = _Decoder(tiny.model, 64)
+    model = tiny.model if size == "tiny" else CharLSTM(ModelConfig(vocab_size=79)).eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    decoder = _Decoder(model, 64)
     decoder.h.normal_()
     decoder.c.normal_()
-    decoder.tokens.random_(0, len(tiny.vocab))
+    decoder.tokens.random_(0, model.config.vocab_size)
     h, c, tokens = decoder.h.clone(), decoder.c.clone(), decoder.tokens.clone()
     with torch.inference_mode():
         full = decoder.step(64).clone()
-        for n in (1, 2, 5, MIN_ROWS, 13, 33):
-            decoder.h.copy_(h)
-            decoder.c.copy_(c)
-            decoder.tokens.copy_(tokens)
-            assert torch.equal(decoder.step(n), full[:n]), n
+        try:
+            for n in range(1, 64):
+                decoder.h.copy_(h)
+                decoder.c.copy_(c)
+                decoder.tokens.copy_(tokens)
+                assert torch.equal(decoder.step(n), full[:n]), n
+        finally:
+            torch.set_num_threads(before)
 
 
 def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
@@ -69,10 +93,15 @@ def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
 
 
 def test_reproducible_among_63_concurrent_requests(tiny: Checkpoint, engine: Engine) -> None:
+    # Seeds short and long (both prefill paths), repeated (shared prefill rows) and unique.
     requests = [
         GenerationRequest(
-            ["The ", "The engineer", "wood", "T"][i % 4], length=300 + 7 * i, scale_factor=0.5 + (i % 5) * 0.4,
-            top_k=[None, 5, 20][i % 3], top_p=[None, 0.9][i % 2], random_seed=1000 + i,
+            ["The ", "The engineer", "wood", "T", "The sailor and the engineer walked along the shore " * 3][i % 5],
+            length=300 + 7 * i,
+            scale_factor=0.5 + (i % 5) * 0.4,
+            top_k=[None, 5, 20][i % 3],
+            top_p=[None, 0.9][i % 2],
+            random_seed=1000 + i,
         )
         for i in range(64)
     ]
