@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = Engine(ckpt.model, ckpt.vocab, limits)
     app.state.checkpoint, app.state.engine = ckpt, engine
     await run_in_threadpool(_warm_up, engine)
+    # What is alive now (torch, FastAPI, the model) lives as long as the process. Frozen, the
+    # collector stops walking it: a full collection paused the engine's worker for ~120 ms here.
+    gc.freeze()
     app.state.ready = True
     log.info("ready: %s on %s (%d parameters)", settings.checkpoint.name, engine.device, ckpt.model.num_parameters())
     try:

@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmarks: where the corpus and the model are, medians."""
+"""Helpers shared by the benchmarks: where the corpus and the model are, medians, the matmul rate."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "mysterious_island.txt"
@@ -23,3 +26,14 @@ def corpus_text() -> str:
     from tests.conftest import make_corpus
 
     return make_corpus(40_000)
+
+
+def matmul_gflops() -> float:
+    """This machine's float32 matrix-multiply rate on a large square product: the ceiling for
+    any LSTM work, which is matrix multiplies plus a little elementwise arithmetic."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9

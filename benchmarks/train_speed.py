@@ -2,7 +2,8 @@
 
 Both train Embedding(256) → LSTM(512) → Linear with batch 64 on this machine's CPU. The seed
 recipe draws a shuffled batch of 40-character windows and loops over characters in Python; ours
-runs whole windows through nn.LSTM with state carried across them. Prints characters/s and ratio.
+runs whole windows through nn.LSTM with state carried across them. Prints characters/s, the
+ratio, and the ceiling this machine's matrix-multiply rate puts on any recipe for this model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import corpus_text, median
+from benchmarks.common import corpus_text, matmul_gflops, median
 from benchmarks.seed_recipe import NotebookRNN, notebook_loader, notebook_train_step
 from charlm.train import TrainConfig, train
 from charlm.vocab import Vocab
@@ -51,6 +52,13 @@ def charlm_chars_per_s(text: str, steps: int) -> float:
     return median(per_step)
 
 
+def train_flops_per_char(vocab_size: int, embed: int = 256, hidden: int = 512) -> int:
+    """Forward multiply-adds x2 (input and hidden projections, output layer), and x3 for training:
+    the backward pass costs about twice the forward (gradients for inputs and for weights)."""
+    forward_macs = (embed + hidden) * 4 * hidden + hidden * vocab_size
+    return 3 * 2 * forward_macs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=30.0, help="seed recipe time per repeat")
@@ -67,6 +75,11 @@ def main() -> None:
               f"ratio {ours[-1] / seeds[-1]:.2f}x", flush=True)
     print(f"median: seed recipe {median(seeds):,.0f} chars/s | charlm {median(ours):,.0f} chars/s | "
           f"ratio {median(ours) / median(seeds):.2f}x (target >= 4x)")
+    rate, flops = matmul_gflops(), train_flops_per_char(len(Vocab.from_text(text)))
+    limit = rate * 1e9 / flops
+    print(f"physical: training {flops / 1e6:.1f} MFLOP/char; measured matmul {rate:.1f} GFLOP/s -> limit "
+          f"{limit:,.0f} chars/s = {limit / median(seeds):.1f}x the seed recipe at 100 % of that rate; "
+          f"charlm reaches {median(ours) / limit:.0%} of it")
 
 
 if __name__ == "__main__":

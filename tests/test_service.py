@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Iterator
@@ -154,6 +155,16 @@ def test_health_ready_info(client: TestClient, tiny_checkpoint_path: Path) -> No
     assert info["model"]["config"]["hidden"] == 48 and info["model"]["parameters"] > 0
     assert info["training"]["val_bpc"] > 0 and info["limits"]["max_length"] == 800
     assert info["device"] == "cpu" and info["version"]
+
+
+def test_startup_objects_are_frozen_out_of_the_collector(tiny_checkpoint_path: Path) -> None:
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(settings_for(tiny_checkpoint_path))) as c:
+            assert c.get("/ready").status_code == 200
+            assert gc.get_freeze_count() > 10_000  # torch, FastAPI and the model, not a handful
+    finally:
+        gc.unfreeze()
 
 
 def test_metrics(client: TestClient) -> None:
