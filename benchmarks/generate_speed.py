@@ -70,6 +70,17 @@ def decode_flops_per_char(cfg) -> int:  # type: ignore[no-untyped-def]
     return 2 * macs
 
 
+def read_gbps(nbytes: int) -> float:
+    """How fast this machine reads `nbytes` of float32 that were just read: the best case for the
+    weights a one-row decode step streams through, since it multiplies each weight only once."""
+    x = torch.randn(nbytes // 4)
+    x.sum()
+    start, n = time.perf_counter(), 50
+    for _ in range(n):
+        x.sum()
+    return nbytes * n / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default=str(MODEL))
@@ -107,6 +118,11 @@ def main() -> None:
     limit = rate * 1e9 / flops
     print(f"physical  decode step {flops / 1e6:.2f} MFLOP/char; measured matmul {rate:.1f} GFLOP/s -> limit "
           f"{limit:,.0f} chars/s; batched charlm reaches {agg / limit:.0%} of it")
+    weights = flops // 2 * 4  # every multiply-add reads one float32 weight
+    bandwidth = read_gbps(weights)
+    one_row = bandwidth * 1e9 / weights
+    print(f"physical  one row: a step reads {weights / 1e6:.1f} MB of weights, read at {bandwidth:.1f} GB/s -> "
+          f"limit {one_row:,.0f} chars/s = {one_row / base:.1f}x baseline; one request reaches {single / one_row:.0%}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,12 @@ def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(tiny: Ch
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("size", ["tiny", "default"])
-def test_each_row_of_the_decode_step_is_independent_of_the_batch(tiny: Checkpoint, threads: int, size: str) -> None:
+@pytest.mark.parametrize("onednn", [True, False])
+def test_each_row_of_the_decode_step_is_independent_of_the_batch(
+    tiny: Checkpoint, threads: int, size: str, onednn: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not onednn:  # the path CUDA takes: every step runs at the full row count
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     torch.manual_seed(0)
     model = tiny.model if size == "tiny" else CharLSTM(ModelConfig(vocab_size=79)).eval()
     before = torch.get_num_threads()
@@ -110,6 +115,28 @@ def test_reproducible_among_63_concurrent_requests(tiny: Checkpoint, engine: Eng
     assert engine.stats["batch_rows"] / engine.stats["steps"] > 30  # they really were batched
     for req, text in zip(requests, together):
         assert text == solo(tiny, req)
+
+
+def test_without_onednn_steps_run_at_full_size_and_stay_reproducible(
+    tiny: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The path CUDA takes: no row-invariant kernel, so every step has the same shape instead.
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=16)) as eng:
+        assert not eng._decoder.row_invariant
+        requests = [GenerationRequest(["The ", "wood"][i % 2], length=150, random_seed=i) for i in range(16)]
+        alone = [eng.generate(r).text for r in requests[:3]]
+        together = [g.result(timeout=60).text for g in [eng.submit(r) for r in requests]]
+        assert together[:3] == alone
+        with torch.inference_mode():
+            ids = tiny.vocab.encode("The engineer and the sailor")
+            expected, _, _ = tiny.model(ids[None])
+            zeros = torch.zeros(tiny.model.config.layers, tiny.model.config.hidden)
+            decoder = _Decoder(tiny.model, 4)
+            decoder.load_row(0, zeros, zeros)
+            for t, token in enumerate(ids):
+                decoder.tokens[0] = token
+                assert torch.allclose(decoder.step(1)[0], expected[0, t], atol=1e-5), t
 
 
 def test_random_seed_is_drawn_and_reported_when_absent(engine: Engine) -> None:
