@@ -56,7 +56,9 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, model: CharLSTM, vocab: Vocab, train: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path, model: CharLSTM, vocab: Vocab, train: dict[str, Any] | None = None
+) -> None:
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "charlm.format": FORMAT,

@@ -98,34 +98,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError("give --steps or --time-budget")
     path = fetch_corpus(args.corpus, args.cache_dir)
     cfg = TrainConfig(
-        corpus=str(path),
-        out=args.out,
-        embed=args.embed,
-        hidden=args.hidden,
-        layers=args.layers,
-        dropout=args.dropout,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        steps=args.steps,
-        time_budget=args.time_budget,
-        eval_interval=args.eval_interval,
-        val_fraction=args.val_fraction,
-        device=args.device,
-        seed=args.seed,
-        strip=not args.no_strip,
-        resume=args.resume,
+        corpus=str(path), out=args.out, embed=args.embed, hidden=args.hidden, layers=args.layers,
+        dropout=args.dropout, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, steps=args.steps,
+        time_budget=args.time_budget, eval_interval=args.eval_interval, val_fraction=args.val_fraction,
+        device=args.device, seed=args.seed, strip=not args.no_strip, resume=args.resume,
         corpus_name=args.corpus,
     )
     by_time = args.steps is None
-    bar = tqdm(
-        total=int(args.time_budget) if by_time else args.steps,
-        unit="s" if by_time else "step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    bar = tqdm(total=int(args.time_budget) if by_time else args.steps, unit="s" if by_time else "step",
+               dynamic_ncols=True, file=sys.stderr)
     shown: dict[str, Any] = {}
 
     def progress(row: dict[str, Any]) -> None:
@@ -139,11 +121,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, progress)
     bar.close()
     note = "interrupted; saved" if result.interrupted else "done"
-    print(
-        f"{note}: step {result.step}, {result.seconds:.0f} s, best held-out {result.best_val_bpc:.4f} bpc "
-        f"-> {args.out}",
-        file=sys.stderr,
-    )
+    print(f"{note}: step {result.step}, {result.seconds:.0f} s, best held-out {result.best_val_bpc:.4f} bpc "
+          f"-> {args.out}", file=sys.stderr)
     return 130 if result.interrupted else 0
 
 
@@ -151,12 +130,8 @@ def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="held-out bits per character of a checkpoint on a corpus")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--corpus", required=True, help="UTF-8 text file or http(s):// URL")
-    p.add_argument(
-        "--split",
-        choices=["val", "all"],
-        default="val",
-        help="val: the held-out part the trainer used (default); all: the whole text",
-    )
+    p.add_argument("--split", choices=["val", "all"], default="val",
+                   help="val: the held-out part the trainer used (default); all: the whole text")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")
 
@@ -172,16 +147,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.split == "val":
         text = split_text(text, ckpt.train.get("val_fraction", 0.1))[1]
     result = evaluate_text(ckpt, text)
-    print(
-        json.dumps(
-            {
-                "bpc": round(result["bpc"], 5),
-                "nats": round(result["nats"], 5),
-                "chars": result["chars"],
-                "split": args.split,
-            }
-        )
-    )
+    print(json.dumps({"bpc": round(result["bpc"], 5), "nats": round(result["nats"], 5),
+                      "chars": result["chars"], "split": args.split}))
     return 0
 
 
@@ -202,21 +169,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from charlm import generate, load
 
     ckpt = load(args.checkpoint, args.device)
-    result = generate(
-        ckpt,
-        args.seed,
-        length=args.length,
-        scale_factor=args.scale_factor,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        random_seed=args.random_seed,
-        stop=tuple(args.stop),
-    )
+    result = generate(ckpt, args.seed, length=args.length, scale_factor=args.scale_factor, top_k=args.top_k,
+                      top_p=args.top_p, random_seed=args.random_seed, stop=tuple(args.stop))
     print(result.text)
-    print(
-        f"[{result.finish_reason}; random_seed {result.random_seed}; {result.timings['chars_per_s']:.0f} chars/s]",
-        file=sys.stderr,
-    )
+    print(f"[{result.finish_reason}; random_seed {result.random_seed}; "
+          f"{result.timings['chars_per_s']:.0f} chars/s]", file=sys.stderr)
     return 0
 
 

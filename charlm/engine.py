@@ -2,8 +2,8 @@
 
 Each step the worker admits waiting requests (prefilling their seeds), runs one batched LSTM step
 for every active row, samples each row from its own random stream, hands each character to its
-request, and retires rows that are finished, cancelled or out of time. Requests
-join between steps (continuous batching), so nobody waits for another request to end.
+request, and retires rows that are finished, cancelled or out of time. Requests join between
+steps (continuous batching), so nobody waits for another request to end.
 """
 
 from __future__ import annotations

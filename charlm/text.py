@@ -67,7 +67,9 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     cut = int(round(len(text) * (1.0 - val_fraction)))
     train, val = text[:cut], text[cut:]
     if len(train) < 2 or len(val) < 2:
-        raise CorpusError(f"corpus of {len(text)} characters is too short to split with val_fraction={val_fraction}")
+        raise CorpusError(
+            f"corpus of {len(text)} characters is too short to split with val_fraction={val_fraction}"
+        )
     return train, val
 
 

@@ -268,15 +268,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     shape = (cfg.layers, cfg.batch_size, cfg.hidden)
     carry: State = (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
-    info: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "window": 0,
-        "seconds": 0.0,
-        "chars": 0,
-        "best_val_bpc": math.inf,
-        "best_step": 0,
-    }
+    info: dict[str, Any] = {"step": 0, "epoch": 0, "window": 0, "seconds": 0.0, "chars": 0, "best_val_bpc": math.inf,
+                            "best_step": 0}
     if cfg.resume and cfg.state_path.exists():
         saved, carry = _load_state(cfg, model, opt, device, corpus_sha)
         info.update({k: saved[k] for k in info})
@@ -298,10 +291,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
             "device": str(device),
             "val_bpc": round(info["best_val_bpc"], 4),
             "hyperparameters": {
-                k: v
-                for k, v in asdict(cfg).items()
-                if k
-                in ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed")
+                k: v for k, v in asdict(cfg).items() if k in ("seq_len", "batch_size", "lr", "min_lr_ratio",
+                "warmup_steps", "weight_decay", "grad_clip", "seed")
             },
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "version": __version__,
@@ -319,13 +310,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
             info["best_val_bpc"] = result["bpc"]
             info["best_step"] = info["step"]
             save_checkpoint(cfg.out, model, vocab, summary())
-        state_info = {
-            **info,
-            "corpus_sha256": corpus_sha,
-            "model": model_cfg.to_dict(),
-            "batch_size": cfg.batch_size,
-            "seq_len": cfg.seq_len,
-        }
+        state_info = {**info, "corpus_sha256": corpus_sha, "model": model_cfg.to_dict(),
+                      "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
         _save_state(cfg, model, opt, carry, state_info)
         log({"step": info["step"], "seconds": round(info["seconds"], 2), "val_bpc": result["bpc"]})
         _plot(cfg)
@@ -371,16 +357,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
             info["seconds"] += time.perf_counter() - t0
             if info["step"] % cfg.log_interval == 0:
                 now = time.perf_counter()
-                log(
-                    {
-                        "step": info["step"],
-                        "seconds": round(info["seconds"], 2),
-                        "train_bpc": loss.item() / LN2,
-                        "lr": lr,
-                        "chars_per_s": window_chars / (now - window_t0),
-                        "progress": progress_fraction(),
-                    }
-                )
+                log({"step": info["step"], "seconds": round(info["seconds"], 2), "train_bpc": loss.item() / LN2,
+                     "lr": lr, "chars_per_s": window_chars / (now - window_t0), "progress": progress_fraction()})
                 window_t0, window_chars = now, 0
             if info["step"] % cfg.eval_interval == 0:
                 t_eval = time.perf_counter()

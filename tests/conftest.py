@@ -40,19 +40,8 @@ def corpus_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(corpus: Path, out: Path, **overrides: object) -> TrainConfig:
     options: dict[str, object] = dict(
-        corpus=str(corpus),
-        out=str(out),
-        embed=16,
-        hidden=48,
-        layers=2,
-        dropout=0.0,
-        seq_len=32,
-        batch_size=8,
-        lr=1e-2,
-        steps=150,
-        eval_interval=50,
-        warmup_steps=10,
-        device="cpu",
+        corpus=str(corpus), out=str(out), embed=16, hidden=48, layers=2, dropout=0.0, seq_len=32,
+        batch_size=8, lr=1e-2, steps=150, eval_interval=50, warmup_steps=10, device="cpu",
     )
     options.update(overrides)
     return TrainConfig(**options)  # type: ignore[arg-type]

@@ -61,18 +61,10 @@ class Server:
 @contextmanager
 def running_server(checkpoint: Path, **env: str) -> Iterator[Server]:
     port = free_port()
-    environment = {
-        **os.environ,
-        "CHARLM_CHECKPOINT": str(checkpoint),
-        "CHARLM_DEVICE": "cpu",
-        "CHARLM_HOST": "127.0.0.1",
-        "CHARLM_PORT": str(port),
-        "CHARLM_THREADS": "1",
-        **env,
-    }
-    process = subprocess.Popen(
-        dockerfile_cmd(), env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    environment = {**os.environ, "CHARLM_CHECKPOINT": str(checkpoint), "CHARLM_DEVICE": "cpu",
+                   "CHARLM_HOST": "127.0.0.1", "CHARLM_PORT": str(port), "CHARLM_THREADS": "1", **env}
+    process = subprocess.Popen(dockerfile_cmd(), env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     server = Server(process, port)
     try:
         server.wait_ready()

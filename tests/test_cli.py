@@ -22,19 +22,8 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 
 def test_generate_is_reproducible(tiny_checkpoint_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = [
-        "generate",
-        "--checkpoint",
-        str(tiny_checkpoint_path),
-        "--seed",
-        "The ",
-        "--length",
-        "200",
-        "--scale-factor",
-        "2.0",
-        "--device",
-        "cpu",
-    ]
+    args = ["generate", "--checkpoint", str(tiny_checkpoint_path), "--seed", "The ", "--length", "200",
+            "--scale-factor", "2.0", "--device", "cpu"]
     outputs = {seed: run([*args, "--random-seed", seed], capsys) for seed in ("1", "2")}
     again = run([*args, "--random-seed", "1"], capsys)
     assert outputs["1"][0] == 0 and outputs["1"][1].startswith("The ")
@@ -44,60 +33,24 @@ def test_generate_is_reproducible(tiny_checkpoint_path: Path, capsys: pytest.Cap
     assert top[0] == 0 and len(top[1]) >= 200
 
 
-def test_eval_prints_one_json_line(
-    tiny_checkpoint_path: Path, corpus_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, _ = run(
-        ["eval", "--checkpoint", str(tiny_checkpoint_path), "--corpus", str(corpus_path), "--device", "cpu"], capsys
-    )
+def test_eval_prints_one_json_line(tiny_checkpoint_path: Path, corpus_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["eval", "--checkpoint", str(tiny_checkpoint_path), "--corpus", str(corpus_path),
+                        "--device", "cpu"], capsys)
     result = json.loads(out)
     assert code == 0 and result["split"] == "val" and 0 < result["bpc"] < 4
     assert result["nats"] == pytest.approx(result["bpc"] * 0.693147, rel=1e-3)
-    code, out, _ = run(
-        [
-            "eval",
-            "--checkpoint",
-            str(tiny_checkpoint_path),
-            "--corpus",
-            str(corpus_path),
-            "--split",
-            "all",
-            "--device",
-            "cpu",
-        ],
-        capsys,
-    )
+    code, out, _ = run(["eval", "--checkpoint", str(tiny_checkpoint_path), "--corpus", str(corpus_path),
+                        "--split", "all", "--device", "cpu"], capsys)
     assert json.loads(out)["chars"] > 9 * result["chars"]
 
 
-def test_train_command_writes_checkpoint(corpus_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_command_writes_checkpoint(corpus_path: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.safetensors"
-    code, _, err = run(
-        [
-            "train",
-            "--corpus",
-            str(corpus_path),
-            "--out",
-            str(out),
-            "--layers",
-            "1",
-            "--hidden",
-            "16",
-            "--embed",
-            "8",
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "4",
-            "--steps",
-            "6",
-            "--eval-interval",
-            "3",
-            "--device",
-            "cpu",
-        ],
-        capsys,
-    )
+    code, _, err = run(["train", "--corpus", str(corpus_path), "--out", str(out), "--layers", "1", "--hidden", "16",
+                        "--embed", "8", "--seq-len", "16", "--batch-size", "4", "--steps", "6",
+                        "--eval-interval", "3", "--device", "cpu"], capsys)
     assert code == 0 and out.exists() and "best held-out" in err
     assert out.with_suffix(".metrics.jsonl").exists() and out.with_suffix(".loss.png").exists()
 
@@ -119,27 +72,15 @@ def test_train_command_writes_checkpoint(corpus_path: Path, tmp_path: Path, caps
         (["generate", "--checkpoint", "{latin1}", "--seed", "The"], 1, "not a readable safetensors"),
     ],
 )
-def test_errors_exit_with_one_clear_line(
-    args: list[str],
-    code: int,
-    message: str,
-    tiny_checkpoint_path: Path,
-    corpus_path: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_errors_exit_with_one_clear_line(args: list[str], code: int, message: str, tiny_checkpoint_path: Path,
+                                         corpus_path: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "single.txt").write_text("zzzzzz")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
-    paths = {
-        "ckpt": tiny_checkpoint_path,
-        "missing": tmp_path / "missing",
-        "corpus": corpus_path,
-        "out": tmp_path / "o.safetensors",
-        "empty": tmp_path / "empty.txt",
-        "single": tmp_path / "single.txt",
-        "latin1": tmp_path / "latin1.txt",
-    }
+    paths = {"ckpt": tiny_checkpoint_path, "missing": tmp_path / "missing", "corpus": corpus_path,
+             "out": tmp_path / "o.safetensors", "empty": tmp_path / "empty.txt",
+             "single": tmp_path / "single.txt", "latin1": tmp_path / "latin1.txt"}
     argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
     if argv[0] == "generate":
         argv += ["--device", "cpu"]
@@ -149,21 +90,8 @@ def test_errors_exit_with_one_clear_line(
 
 
 def test_console_script_exit_status_from_a_real_process(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "charlm.cli",
-            "generate",
-            "--checkpoint",
-            str(tmp_path / "none.safetensors"),
-            "--seed",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = subprocess.run([sys.executable, "-m", "charlm.cli", "generate", "--checkpoint",
+                             str(tmp_path / "none.safetensors"), "--seed", "x"], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"charlm generate: error: checkpoint not found: {tmp_path / 'none.safetensors'}"
-    ]
+    assert result.stderr.strip().splitlines() == [f"charlm generate: error: checkpoint not found: "
+                                                  f"{tmp_path / 'none.safetensors'}"]

@@ -46,10 +46,8 @@ def test_client_disconnect_cancels_generation(tiny_checkpoint_path: Path) -> Non
         host, port = server.url.removeprefix("http://").split(":")
         body = b'{"seed": "The ", "length": 200000}'
         with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(
-                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             while server.metric("charlm_active_rows") < 1:
                 time.sleep(0.01)
         deadline = time.monotonic() + 10
@@ -58,9 +56,8 @@ def test_client_disconnect_cancels_generation(tiny_checkpoint_path: Path) -> Non
             time.sleep(0.05)
         assert server.metric("charlm_active_rows") == 0
 
-        with httpx.stream(
-            "POST", f"{server.url}/generate/stream", json={"seed": "The ", "length": 200000}, timeout=30
-        ) as r:
+        with httpx.stream("POST", f"{server.url}/generate/stream", json={"seed": "The ", "length": 200000},
+                          timeout=30) as r:
             for _ in r.iter_lines():
                 break
         deadline = time.monotonic() + 10
@@ -74,13 +71,9 @@ def test_missing_checkpoint_exits_with_one_clear_line(tmp_path: Path) -> None:
 
     from tests.server import dockerfile_cmd
 
-    result = subprocess.run(
-        dockerfile_cmd(),
-        env={"CHARLM_CHECKPOINT": str(tmp_path / "gone.safetensors"), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = subprocess.run(dockerfile_cmd(), env={"CHARLM_CHECKPOINT": str(tmp_path / "gone.safetensors"),
+                                                    "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "checkpoint not found" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -92,34 +85,18 @@ def test_schemathesis_finds_no_server_errors(tiny_checkpoint_path: Path, tmp_pat
 
     with running_server(tiny_checkpoint_path, CHARLM_MAX_LENGTH="300") as server:
         result = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "schemathesis"),
-                "run",
-                f"{server.url}/openapi.json",
-                "--checks",
-                "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-                "--max-examples",
-                "150",
-                "--seed",
-                "1",
-                "--workers",
-                "1",
-                "--report-dir",
-                str(tmp_path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=400,
-            cwd=ROOT,
+            [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
+             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+             "response_schema_conformance", "--max-examples", "150", "--seed", "1", "--workers", "1",
+             "--report-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=400, cwd=ROOT,
         )
     assert result.returncode == 0, result.stdout[-4000:]
     assert "passed" in result.stdout.lower()
 
 
-@pytest.mark.skipif(
-    not Path("/usr/bin/chromedriver").exists(),
-    reason="chromium-driver is not installed (.ci/run installs Debian's chromium and chromium-driver)",
-)
+@pytest.mark.skipif(not Path("/usr/bin/chromedriver").exists(), reason="chromium-driver is not installed "
+                    "(.ci/run installs Debian's chromium and chromium-driver)")
 def test_docs_page_try_it_out_works_offline(tiny_checkpoint_path: Path) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -130,16 +107,10 @@ def test_docs_page_try_it_out_works_offline(tiny_checkpoint_path: Path) -> None:
     with running_server(tiny_checkpoint_path) as server:
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
-        for flag in (
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-dev-shm-usage",
-            # cut the network: every host but loopback fails to resolve
-            "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-        ):
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-dev-shm-usage",
+                     # cut the network: every host but loopback fails to resolve
+                     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         try:

@@ -5,17 +5,11 @@ from charlm.sampling import sample_rows
 VOCAB = 12
 
 
-def draw(
-    logits: torch.Tensor, top_k: int = VOCAB, top_p: float = 2.0, n: int = 4000, scale: float = 1.0
-) -> torch.Tensor:
+def draw(logits: torch.Tensor, top_k: int = VOCAB, top_p: float = 2.0, n: int = 4000,
+         scale: float = 1.0) -> torch.Tensor:
     rows = logits.expand(n, -1)
-    return sample_rows(
-        rows,
-        torch.full((n,), scale),
-        torch.full((n,), top_k),
-        torch.full((n,), top_p),
-        torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
-    )
+    return sample_rows(rows, torch.full((n,), scale), torch.full((n,), top_k), torch.full((n,), top_p),
+                       torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
 
 
 def test_top_k_never_samples_outside_the_k_best() -> None:

@@ -123,9 +123,8 @@ def test_large_invalid_input_is_not_echoed(client: TestClient) -> None:
 
 
 def test_oversized_body_is_413(client: TestClient) -> None:
-    r = client.post(
-        "/generate", content=b'{"seed": "' + b"a" * 70_000 + b'"}', headers={"content-type": "application/json"}
-    )
+    r = client.post("/generate", content=b'{"seed": "' + b"a" * 70_000 + b'"}',
+                    headers={"content-type": "application/json"})
     assert_error(r, 413, "payload_too_large")
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams

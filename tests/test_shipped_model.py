@@ -30,10 +30,8 @@ def test_loads_and_metadata_matches_its_card(shipped) -> None:  # type: ignore[n
     assert float(card_value("held-out bits per character")) == pytest.approx(shipped.train["val_bpc"], abs=5e-4)
     assert card_value("corpus sha256") == shipped.train["corpus_sha256"]
     cfg = shipped.config
-    architecture = (
-        f"Embedding({cfg.vocab_size}, {cfg.embed}) → LSTM({cfg.embed}, {cfg.hidden}, "
-        f"layers={cfg.layers}) → Linear({cfg.hidden}, {cfg.vocab_size})"
-    )
+    architecture = (f"Embedding({cfg.vocab_size}, {cfg.embed}) → LSTM({cfg.embed}, {cfg.hidden}, "
+                    f"layers={cfg.layers}) → Linear({cfg.hidden}, {cfg.vocab_size})")
     assert card_value("architecture") == architecture
     assert int(card_value("training steps").replace(",", "")) == shipped.train["steps"]
 
