@@ -254,119 +254,146 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
 
     A KeyboardInterrupt stops the loop; what was learnt is evaluated and saved before returning.
     """
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    text = load_corpus(cfg.corpus, strip=cfg.strip)
-    train_text, val_text = split_text(text, cfg.val_fraction)
-    vocab = Vocab.from_text(text)
-    corpus_sha = sha256_text(text)
-    train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
-    streams = _Streams(train_ids, cfg.batch_size, cfg.seq_len, cfg.seed)
+    return _Trainer(cfg, progress).run()
 
-    model_cfg = ModelConfig(len(vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
-    model = CharLSTM(model_cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    shape = (cfg.layers, cfg.batch_size, cfg.hidden)
-    carry: State = (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
-    info: dict[str, Any] = {"step": 0, "epoch": 0, "window": 0, "seconds": 0.0, "chars": 0, "best_val_bpc": math.inf,
-                            "best_step": 0}
-    if cfg.resume and cfg.state_path.exists():
-        saved, carry = _load_state(cfg, model, opt, device, corpus_sha)
-        info.update({k: saved[k] for k in info})
-    elif not cfg.resume:
-        cfg.metrics_path.unlink(missing_ok=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def summary() -> dict[str, Any]:
-        return {
-            "corpus": cfg.corpus_name or Path(cfg.corpus).name,
-            "corpus_sha256": corpus_sha,
-            "strip_gutenberg": cfg.strip,
-            "val_fraction": cfg.val_fraction,
-            "train_chars": len(train_text),
-            "val_chars": len(val_text),
-            "steps": info["step"],
-            "epochs": round(info["chars"] / len(train_text), 2),
-            "seconds": round(info["seconds"], 1),
-            "device": str(device),
-            "val_bpc": round(info["best_val_bpc"], 4),
-            "hyperparameters": {
-                k: v for k, v in asdict(cfg).items() if k in ("seq_len", "batch_size", "lr", "min_lr_ratio",
-                "warmup_steps", "weight_decay", "grad_clip", "seed")
-            },
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "version": __version__,
-        }
+class _Trainer:
+    """One run: data, model and optimizer, and the counters (`info`) that a resume restores."""
 
-    def log(row: dict[str, Any]) -> None:
-        with cfg.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if progress:
-            progress(row)
+    def __init__(self, cfg: TrainConfig, progress: ProgressFn | None):
+        self.cfg, self.progress = cfg, progress
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        text = load_corpus(cfg.corpus, strip=cfg.strip)
+        self.train_text, self.val_text = split_text(text, cfg.val_fraction)
+        self.vocab = Vocab.from_text(text)
+        self.corpus_sha = sha256_text(text)
+        self.val_ids = self.vocab.encode(self.val_text)
+        self.streams = _Streams(self.vocab.encode(self.train_text), cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.model_cfg = ModelConfig(len(self.vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
+        self.model = CharLSTM(self.model_cfg).to(self.device)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+        )
+        shape = (cfg.layers, cfg.batch_size, cfg.hidden)
+        self.carry: State = (torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
+        self.info: dict[str, Any] = {"step": 0, "epoch": 0, "window": 0, "seconds": 0.0, "chars": 0,
+                                     "best_val_bpc": math.inf, "best_step": 0}
+        if cfg.resume and cfg.state_path.exists():
+            saved, self.carry = _load_state(cfg, self.model, self.opt, self.device, self.corpus_sha)
+            self.info.update({k: saved[k] for k in self.info})
+        elif not cfg.resume:
+            cfg.metrics_path.unlink(missing_ok=True)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"])
 
-    def checkpoint() -> float:
-        result = evaluate(model, val_ids)
+    def run(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        self.model.train()
+        interrupted = False
+        window_t0, window_chars = time.perf_counter(), 0
+        try:
+            while self.progress_fraction() < 1.0:
+                t0 = time.perf_counter()
+                x, y = self.next_window()
+                lr = _lr(cfg, info["step"], self.progress_fraction())
+                loss = self.step(x, y, lr)
+                info["step"] += 1
+                info["window"] += 1
+                info["chars"] += x.numel()
+                window_chars += x.numel()
+                info["seconds"] += time.perf_counter() - t0
+                if info["step"] % cfg.log_interval == 0:
+                    now = time.perf_counter()
+                    self.log({"step": info["step"], "seconds": round(info["seconds"], 2),
+                              "train_bpc": loss.item() / LN2, "lr": lr,
+                              "chars_per_s": window_chars / (now - window_t0), "progress": self.progress_fraction()})
+                    window_t0, window_chars = now, 0
+                if info["step"] % cfg.eval_interval == 0:
+                    t_eval = time.perf_counter()
+                    self.checkpoint()
+                    info["seconds"] += time.perf_counter() - t_eval
+                    window_t0, window_chars = time.perf_counter(), 0
+        except KeyboardInterrupt:
+            interrupted = True
+        if info["step"] % cfg.eval_interval != 0 or interrupted or not Path(cfg.out).exists():
+            self.checkpoint()
+        return TrainResult(info["step"], info["seconds"], info["best_val_bpc"], interrupted, self.summary())
+
+    def next_window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets) window of every stream; a new epoch starts from a zero state."""
+        info, seq_len = self.info, self.cfg.seq_len
+        if info["window"] >= self.windows:
+            info["epoch"], info["window"] = info["epoch"] + 1, 0
+            self.x_all, self.y_all, self.windows = self.streams.epoch(info["epoch"])
+            self.carry = (torch.zeros_like(self.carry[0]), torch.zeros_like(self.carry[1]))
+        s = info["window"] * seq_len
+        x = self.x_all[:, s : s + seq_len].to(self.device, non_blocking=True)
+        y = self.y_all[:, s : s + seq_len].to(self.device, non_blocking=True)
+        return x, y
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """One optimizer step on a window, the state carried in and detached out; returns the loss
+        (a tensor: reading it waits for the device, so it is read only when logged)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with self.autocast:
+            _, state, loss = self.model(x, self.carry, y)
+        self.carry = (state[0].detach().float(), state[1].detach().float())
+        self.opt.zero_grad(set_to_none=True)
+        assert loss is not None
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        return loss.detach()
+
+    def progress_fraction(self) -> float:
+        """How far along the schedule is: steps or seconds, whichever is further."""
+        fractions = []
+        if self.cfg.steps:
+            fractions.append(self.info["step"] / self.cfg.steps)
+        if self.cfg.time_budget:
+            fractions.append(self.info["seconds"] / self.cfg.time_budget)
+        return max(fractions)
+
+    def checkpoint(self) -> float:
+        """Evaluate; save the model if it is the best yet, and always the resume state and plot."""
+        cfg, info = self.cfg, self.info
+        result = evaluate(self.model, self.val_ids)
         if result["bpc"] < info["best_val_bpc"]:
             info["best_val_bpc"] = result["bpc"]
             info["best_step"] = info["step"]
-            save_checkpoint(cfg.out, model, vocab, summary())
-        state_info = {**info, "corpus_sha256": corpus_sha, "model": model_cfg.to_dict(),
+            save_checkpoint(cfg.out, self.model, self.vocab, self.summary())
+        state_info = {**info, "corpus_sha256": self.corpus_sha, "model": self.model_cfg.to_dict(),
                       "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
-        _save_state(cfg, model, opt, carry, state_info)
-        log({"step": info["step"], "seconds": round(info["seconds"], 2), "val_bpc": result["bpc"]})
+        _save_state(cfg, self.model, self.opt, self.carry, state_info)
+        self.log({"step": info["step"], "seconds": round(info["seconds"], 2), "val_bpc": result["bpc"]})
         _plot(cfg)
         return result["bpc"]
 
-    def progress_fraction() -> float:
-        fractions = []
-        if cfg.steps:
-            fractions.append(info["step"] / cfg.steps)
-        if cfg.time_budget:
-            fractions.append(info["seconds"] / cfg.time_budget)
-        return max(fractions)
+    def log(self, row: dict[str, Any]) -> None:
+        with self.cfg.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.progress:
+            self.progress(row)
 
-    model.train()
-    x_all, y_all, windows = streams.epoch(info["epoch"])
-    interrupted = False
-    window_t0, window_chars = time.perf_counter(), 0
-    try:
-        while progress_fraction() < 1.0:
-            t0 = time.perf_counter()
-            if info["window"] >= windows:
-                info["epoch"], info["window"] = info["epoch"] + 1, 0
-                x_all, y_all, windows = streams.epoch(info["epoch"])
-                carry = (torch.zeros_like(carry[0]), torch.zeros_like(carry[1]))
-            s = info["window"] * cfg.seq_len
-            x = x_all[:, s : s + cfg.seq_len].to(device, non_blocking=True)
-            y = y_all[:, s : s + cfg.seq_len].to(device, non_blocking=True)
-            lr = _lr(cfg, info["step"], progress_fraction())
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with autocast:
-                _, state, loss = model(x, carry, y)
-            carry = (state[0].detach().float(), state[1].detach().float())
-            opt.zero_grad(set_to_none=True)
-            assert loss is not None
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            info["step"] += 1
-            info["window"] += 1
-            info["chars"] += x.numel()
-            window_chars += x.numel()
-            info["seconds"] += time.perf_counter() - t0
-            if info["step"] % cfg.log_interval == 0:
-                now = time.perf_counter()
-                log({"step": info["step"], "seconds": round(info["seconds"], 2), "train_bpc": loss.item() / LN2,
-                     "lr": lr, "chars_per_s": window_chars / (now - window_t0), "progress": progress_fraction()})
-                window_t0, window_chars = now, 0
-            if info["step"] % cfg.eval_interval == 0:
-                t_eval = time.perf_counter()
-                checkpoint()
-                info["seconds"] += time.perf_counter() - t_eval
-                window_t0, window_chars = time.perf_counter(), 0
-    except KeyboardInterrupt:
-        interrupted = True
-    if info["step"] % cfg.eval_interval != 0 or interrupted or not Path(cfg.out).exists():
-        checkpoint()
-    return TrainResult(info["step"], info["seconds"], info["best_val_bpc"], interrupted, summary())
+    def summary(self) -> dict[str, Any]:
+        """The training record kept in the checkpoint's metadata."""
+        cfg, info = self.cfg, self.info
+        hyper = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed")
+        return {
+            "corpus": cfg.corpus_name or Path(cfg.corpus).name,
+            "corpus_sha256": self.corpus_sha,
+            "strip_gutenberg": cfg.strip,
+            "val_fraction": cfg.val_fraction,
+            "train_chars": len(self.train_text),
+            "val_chars": len(self.val_text),
+            "steps": info["step"],
+            "epochs": round(info["chars"] / len(self.train_text), 2),
+            "seconds": round(info["seconds"], 1),
+            "device": str(self.device),
+            "val_bpc": round(info["best_val_bpc"], 4),
+            "hyperparameters": {k: v for k, v in asdict(cfg).items() if k in hyper},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "version": __version__,
+        }
