@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_length: int = Field(2000, ge=1, description="characters generated per request, at most")
     max_seed_chars: int = Field(10_000, ge=1, description="characters of seed text per request, at most")
-    max_batch: int = Field(64, ge=1, description="requests decoded together in one step")
+    max_batch: int = Field(64, ge=1, le=1024, description="requests decoded together in one step")
     max_queue: int = Field(256, ge=1, description="requests waiting before new ones get 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds a request may take before it ends")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")

@@ -60,7 +60,7 @@ def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(tiny: Ch
             assert torch.equal(alone[0], together[i]), seeds[i]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("size", ["tiny", "default"])
 @pytest.mark.parametrize("onednn", [True, False])
 def test_each_row_of_the_decode_step_is_independent_of_the_batch(

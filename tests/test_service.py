@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app.main import create_app
 from app.settings import Settings
@@ -220,6 +221,16 @@ def test_not_ready_is_503(tiny_checkpoint_path: Path) -> None:
         assert_error(c.get("/ready"), 503, "not_ready")
         assert_error(c.post("/generate", json={"seed": "The", "length": 5}), 503, "not_ready")
         assert c.get("/health").status_code == 200
+
+
+def test_settings_refuse_a_batch_beyond_what_the_decoder_is_checked_for(
+    tiny_checkpoint_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHARLM_MAX_BATCH", "1025")
+    with pytest.raises(ValidationError, match="max_batch"):
+        Settings(checkpoint=tiny_checkpoint_path)
+    monkeypatch.setenv("CHARLM_MAX_BATCH", "1024")
+    assert Settings(checkpoint=tiny_checkpoint_path).max_batch == 1024
 
 
 def test_missing_checkpoint_stops_startup(tmp_path: Path) -> None:
