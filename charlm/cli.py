@@ -84,6 +84,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue from the saved training state")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same corpus vocabulary and sizes; new schedule)")
     p.add_argument("--no-strip", action="store_true", help="keep the Gutenberg header and footer")
     p.add_argument("--cache-dir", help="where downloaded corpora are kept (default ~/.cache/charlm)")
 
@@ -96,6 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.steps is None and args.time_budget is None:
         raise argparse.ArgumentTypeError("give --steps or --time-budget")
+    if args.resume and args.init_from:
+        raise argparse.ArgumentTypeError("give --resume or --init-from, not both")
     path = fetch_corpus(args.corpus, args.cache_dir)
     cfg = TrainConfig(
         corpus=str(path), out=args.out, embed=args.embed, hidden=args.hidden, layers=args.layers,
@@ -103,7 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, steps=args.steps,
         time_budget=args.time_budget, eval_interval=args.eval_interval, val_fraction=args.val_fraction,
         device=args.device, seed=args.seed, strip=not args.no_strip, resume=args.resume,
-        corpus_name=args.corpus,
+        init_from=args.init_from, corpus_name=args.corpus,
     )
     by_time = args.steps is None
     bar = tqdm(total=int(args.time_budget) if by_time else args.steps, unit="s" if by_time else "step",

@@ -23,7 +23,7 @@ from safetensors.torch import save
 from torch.nn import functional as F
 
 from charlm import __version__
-from charlm.checkpoint import atomic_write, read_safetensors, save_checkpoint
+from charlm.checkpoint import atomic_write, load_checkpoint, read_safetensors, save_checkpoint
 from charlm.model import CharLSTM, ModelConfig, State
 from charlm.text import load_corpus, split_text
 from charlm.vocab import Vocab
@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = 1337
     strip: bool = True  # cut the Gutenberg licence header/footer
     resume: bool = False
+    init_from: str | None = None  # start from this checkpoint's weights (same vocabulary and sizes)
     corpus_name: str | None = None  # what to record as the corpus (e.g. its URL); defaults to the path
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.init_from:
+            raise ValueError("give resume or init_from, not both: a resumed run already has its weights")
 
     @property
     def state_path(self) -> Path:
@@ -278,14 +281,33 @@ class _Trainer:
         shape = (cfg.layers, cfg.batch_size, cfg.hidden)
         self.carry: State = (torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
         self.info: dict[str, Any] = {"step": 0, "epoch": 0, "window": 0, "seconds": 0.0, "chars": 0,
-                                     "best_val_bpc": math.inf, "best_step": 0}
+                                     "best_val_bpc": math.inf, "best_step": 0, "init_from": None}
+        if cfg.init_from:
+            self.info["init_from"] = self._start_from(cfg.init_from)
         if cfg.resume and cfg.state_path.exists():
             saved, self.carry = _load_state(cfg, self.model, self.opt, self.device, self.corpus_sha)
-            self.info.update({k: saved[k] for k in self.info})
+            self.info.update({k: saved.get(k, v) for k, v in self.info.items()})
         elif not cfg.resume:
             cfg.metrics_path.unlink(missing_ok=True)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"])
+
+    def _start_from(self, path: str) -> dict[str, Any]:
+        """Load a trained checkpoint's weights (same vocabulary and sizes; dropout and schedule are
+        this run's) and return what the new checkpoint records about it."""
+        ckpt = load_checkpoint(path, self.device)
+        if ckpt.vocab.chars != self.vocab.chars:
+            raise ResumeError(f"cannot start from {path}: its vocabulary differs from this corpus's")
+        sizes = ("vocab_size", "embed", "hidden", "layers")
+        theirs, ours = ckpt.config.to_dict(), self.model_cfg.to_dict()
+        if any(theirs[k] != ours[k] for k in sizes):
+            raise ResumeError(
+                f"cannot start from {path}: its sizes {[theirs[k] for k in sizes]} differ from this run's "
+                f"{[ours[k] for k in sizes]} (vocab_size, embed, hidden, layers)"
+            )
+        self.model.load_state_dict(ckpt.model.state_dict())
+        return {"checkpoint": Path(path).name, "config": theirs,
+                **{k: ckpt.train.get(k) for k in ("steps", "seconds", "val_bpc", "hyperparameters", "init_from")}}
 
     def run(self) -> TrainResult:
         cfg, info = self.cfg, self.info
@@ -394,6 +416,7 @@ class _Trainer:
             "device": str(self.device),
             "val_bpc": round(info["best_val_bpc"], 4),
             "hyperparameters": {k: v for k, v in asdict(cfg).items() if k in hyper},
+            "init_from": info["init_from"],
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "version": __version__,
         }

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.checkpoint import load_checkpoint, read_safetensors
+from charlm.checkpoint import Checkpoint, load_checkpoint, read_safetensors
 from charlm.corpus_source import fetch_corpus
 from charlm.text import load_corpus, split_text
 from charlm.train import ResumeError, evaluate, train
@@ -85,6 +85,33 @@ def test_resume_refuses_another_corpus_or_architecture(corpus_path: Path, tmp_pa
         train(tiny_config(other, out, steps=20, eval_interval=10, resume=True))
     with pytest.raises(ResumeError, match="architecture"):
         train(tiny_config(corpus_path, out, steps=20, eval_interval=10, hidden=24, resume=True))
+
+
+def test_init_from_starts_at_the_checkpoint_and_records_it(
+    tiny_checkpoint_path: Path, tiny: Checkpoint, corpus_path: Path, tmp_path: Path
+) -> None:
+    started = tiny.train["val_bpc"]
+    out = tmp_path / "tuned.safetensors"
+    init = str(tiny_checkpoint_path)
+    result = train(tiny_config(corpus_path, out, steps=1, eval_interval=1, lr=1e-6, dropout=0.3, init_from=init))
+    assert result.best_val_bpc == pytest.approx(started, abs=0.02)  # a fresh model would be near 4 bpc
+    assert result.summary["init_from"]["checkpoint"] == tiny_checkpoint_path.name
+    assert result.summary["init_from"]["val_bpc"] == started
+    assert load_checkpoint(out).config.dropout == 0.3
+
+
+def test_init_from_refuses_other_sizes_or_vocabulary(
+    tiny_checkpoint_path: Path, corpus_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ResumeError, match="sizes"):
+        train(tiny_config(corpus_path, out, steps=1, hidden=24, init_from=str(tiny_checkpoint_path)))
+    other = tmp_path / "other.txt"
+    other.write_text(make_corpus() + "Zebra quartz jukebox!\n")
+    with pytest.raises(ResumeError, match="vocabulary"):
+        train(tiny_config(other, out, steps=1, init_from=str(tiny_checkpoint_path)))
+    with pytest.raises(ValueError, match="not both"):
+        tiny_config(corpus_path, out, steps=1, resume=True, init_from=str(tiny_checkpoint_path))
 
 
 def test_url_corpus_is_downloaded_once(corpus_path: Path, tmp_path: Path) -> None:
