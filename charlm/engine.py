@@ -514,7 +514,7 @@ class Engine:
         start, stop = len(self._rows), len(self._rows) + len(seeds)
         began = time.perf_counter()
         try:
-            logits = self._decoder.prefill(start, [self.vocab.encode(s).to(self.device) for s in seeds])
+            logits = self._decoder.prefill(start, [by_seed[s][0].ids[0] for s in seeds])
             h, c = self._decoder.h[:, start:stop].clone(), self._decoder.c[:, start:stop].clone()
             ordered = [job for s in seeds for job in by_seed[s]]
             which = [j for j, s in enumerate(seeds) for _ in by_seed[s]]
