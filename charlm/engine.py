@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from charlm.model import CharLSTM
 from charlm.sampling import MAX_RANDOM_SEED, RowSampler, SamplingParams, new_random_seed, sample_rows
@@ -179,6 +180,14 @@ class Generation:
     def cancelled(self) -> bool:
         return self._cancelled
 
+    def ended_early(self) -> FinishReason | None:
+        """'cancelled' or 'timeout' once the request must stop before its length, else None."""
+        if self._cancelled:
+            return "cancelled"
+        if self.deadline and time.perf_counter() > self.deadline:
+            return "timeout"
+        return None
+
     def done(self) -> bool:
         return self._done.is_set()
 
@@ -338,13 +347,11 @@ class _Decoder:
         Every row goes through the same arithmetic as a decode step, so its result does not depend
         on which other seeds share the steps. Needs a row-invariant decoder (`row_invariant`).
         """
-        m, longest = len(seeds), len(seeds[0])
+        ids = pad_sequence(seeds, batch_first=True)  # (rows, longest seed), zeros after each end
+        m, longest = ids.shape
         stop = start + m
         self.h[:, start:stop].zero_()
         self.c[:, start:stop].zero_()
-        ids = torch.zeros(m, longest, dtype=torch.long, device=self.tokens.device)
-        for i, s in enumerate(seeds):
-            ids[i, : len(s)] = s
         live = m
         for t in range(longest):
             while len(seeds[live - 1]) <= t:  # rows whose seed has ended keep their final state
@@ -472,9 +479,9 @@ class Engine:
         budget = PREFILL_CHUNK
         while self._prefilling and budget > 0:
             job = self._prefilling[0]
-            if job.gen.cancelled or (job.gen.deadline and time.perf_counter() > job.gen.deadline):
+            if reason := job.gen.ended_early():
                 self._prefilling.popleft()
-                self._finish_unstarted(job.gen, job.admitted, "cancelled" if job.gen.cancelled else "timeout")
+                self._finish_unstarted(job.gen, job.admitted, reason)
                 continue
             try:
                 budget -= self._prefill_chunk(job)
@@ -491,8 +498,8 @@ class Engine:
                 if not self._waiting:
                     break
                 gen = self._waiting.popleft()
-            if gen.cancelled or (gen.deadline and time.perf_counter() > gen.deadline):
-                self._finish_unstarted(gen, time.perf_counter(), "cancelled" if gen.cancelled else "timeout")
+            if reason := gen.ended_early():
+                self._finish_unstarted(gen, time.perf_counter(), reason)
                 continue
             job = _Prefill(gen, self.vocab.encode(gen.request.seed).to(self.device)[None])
             if self._decoder.row_invariant and job.ids.size(1) <= SHORT_SEED:
@@ -626,10 +633,8 @@ class Engine:
     def _advance(self, row: _Row) -> bool:
         """Record the row's newly sampled token; finish the request if it is done. True = retire."""
         gen, req = row.gen, row.gen.request
-        if gen.cancelled:
-            return self._finish(row, "cancelled")
-        if gen.deadline and time.perf_counter() > gen.deadline:
-            return self._finish(row, "timeout")
+        if reason := gen.ended_early():
+            return self._finish(row, reason)
         row.generated.append(self.vocab.chars[row.token])
         text = "".join(row.generated[-self.limits.max_stop_chars :]) if req.stop else ""
         for s in req.stop:
