@@ -93,11 +93,17 @@ def main() -> None:
 
     base = baseline_chars_per_s(ckpt, args.repeats)
     print(f"baseline  notebook sample(), 1 x {LENGTH} chars: {base:,.0f} chars/s")
-    with Engine(ckpt.model, ckpt.vocab, EngineLimits(max_batch=64, max_seed_chars=10_000)) as engine:
+    limits = EngineLimits(max_batch=64, max_seed_chars=10_000)
+    with Engine(ckpt.model, ckpt.vocab, limits, use_native=False) as engine:
+        torch_only = single_chars_per_s(engine, args.repeats)
+    print(f"charlm    1 request, PyTorch only (no native kernels): {torch_only:,.0f} chars/s  = "
+          f"{torch_only / base:.1f}x baseline")
+    with Engine(ckpt.model, ckpt.vocab, limits) as engine:
+        native = engine._decoder.native_rows > 0
         gc.freeze()  # as the service does once it is ready: no 100 ms full collections mid-run
         single = single_chars_per_s(engine, args.repeats)
         print(f"charlm    1 request  x {LENGTH} chars: {single:,.0f} chars/s  = {single / base:.1f}x baseline "
-              "(target >= 10x)")
+              f"(target >= 10x; native kernels {'on' if native else 'OFF'})")
         runs = [concurrent(engine, 64) for _ in range(args.repeats)]
         agg = median([r[0] for r in runs])
         print(f"charlm    64 requests x {LENGTH} chars: {agg:,.0f} chars/s aggregate = {agg / base:.1f}x baseline "

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from charlm import native
 from charlm.model import CharLSTM
 from charlm.sampling import MAX_RANDOM_SEED, RowSampler, SamplingParams, new_random_seed, sample_rows
 from charlm.vocab import UnknownCharactersError, Vocab
@@ -40,6 +41,10 @@ FinishReason = Literal["length", "stop", "cancelled", "timeout"]
 # oneDNN packs a weight for a batch size it is told; any hint >= 2 gives the same packing, and with
 # it every row of a product gets the same bits whatever the number of rows (checked by the tests).
 PACK_BATCH_HINT = 64
+
+# Steps of up to this many rows run in the native kernels; larger ones multiply through oneDNN,
+# which reads each weight once for all rows (the kernels read it once per row).
+NATIVE_ROWS = 2
 
 # Seeds up to this many characters are prefilled together, through the decoder's batched steps.
 SHORT_SEED = 64
@@ -294,9 +299,13 @@ class _Decoder:
     The embedding is folded into layer 0's input projection (a (vocab, 4*hidden) table lookup, the
     two biases summed into it); deeper layers multiply [input, h] by [W_ih, W_hh] in one product.
     Row i of `h`, `c` and `tokens` is one request's state; rows are advanced in contiguous ranges.
+
+    With the native kernels (CPU), steps of up to `native_rows` rows run entirely in C, larger ones
+    multiply through oneDNN, and every step's LSTM cell runs in C: the two products agree bit for
+    bit (checked here at start), so a row's arithmetic never depends on the step's size.
     """
 
-    def __init__(self, model: CharLSTM, rows: int):
+    def __init__(self, model: CharLSTM, rows: int, kernels: native.Kernels | None = None):
         cfg = model.config
         dev = model.fc.weight.device
         self.layers, self.hidden, self.rows = cfg.layers, cfg.hidden, rows
@@ -305,21 +314,33 @@ class _Decoder:
         embedding = model.embedding.weight.detach().float()
         table0 = embedding @ w["weight_ih_l0"].t() + w["bias_ih_l0"] + w["bias_hh_l0"]
         self.table0 = table0[:, order].contiguous()
-        self.proj = [_Linear(w["weight_hh_l0"][order], None)] + [
-            _Linear(
+        weights = [(w["weight_hh_l0"][order], None)] + [
+            (
                 torch.cat([w[f"weight_ih_l{k}"], w[f"weight_hh_l{k}"]], dim=1)[order],
                 (w[f"bias_ih_l{k}"] + w[f"bias_hh_l{k}"])[order],
             )
             for k in range(1, cfg.layers)
         ]
-        self.fc = _Linear(model.fc.weight.detach().float(), model.fc.bias.detach().float())
+        weights.append((model.fc.weight.detach().float(), model.fc.bias.detach().float()))
+        linears = [_Linear(weight, bias) for weight, bias in weights]
+        self.proj, self.fc = linears[:-1], linears[-1]
         self.row_invariant = self.fc.row_invariant
         self.h = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
         self.c = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.kernels = kernels if self.row_invariant else None
+        self.native_rows = 0
+        if self.kernels is not None:
+            self._packed = [native.pack(weight, bias) for weight, bias in weights]
+            if all(self.kernels.agrees(p, weight, bias) for p, (weight, bias) in zip(self._packed, weights)):
+                self.native_rows = NATIVE_ROWS
+            self._gates = torch.empty(rows, 4 * cfg.hidden)
+            self._logits = torch.empty(rows, cfg.vocab_size)
 
     def _advance(self, a: int, b: int) -> torch.Tensor:
         """Feed rows [a, b) their token in `self.tokens`; return the top layer's new h."""
+        if b - a <= self.native_rows:
+            return self._advance_native(a, b)
         hs = self.hidden
         x = self.h[0, a:b]
         for k in range(self.layers):
@@ -328,17 +349,51 @@ class _Decoder:
                 gates = self.proj[0](h).add_(self.table0.index_select(0, self.tokens[a:b]))
             else:
                 gates = self.proj[k](torch.cat([x, h], dim=1))
-            sig = gates[:, : 3 * hs].sigmoid_()
-            g = gates[:, 3 * hs :].tanh_()
-            c.mul_(sig[:, hs : 2 * hs]).addcmul_(sig[:, :hs], g)
-            torch.mul(sig[:, 2 * hs :], torch.tanh(c), out=h)
+            if self.kernels is not None:
+                self.kernels.lstm_cell(gates, c, h)
+            else:
+                sig = gates[:, : 3 * hs].sigmoid_()
+                g = gates[:, 3 * hs :].tanh_()
+                c.mul_(sig[:, hs : 2 * hs]).addcmul_(sig[:, :hs], g)
+                torch.mul(sig[:, 2 * hs :], torch.tanh(c), out=h)
             x = h
         return x
 
+    def _advance_native(self, a: int, b: int) -> torch.Tensor:
+        """`_advance` in C: one product and one cell call per layer, on raw addresses."""
+        assert self.kernels is not None
+        n, hs, f32 = b - a, self.hidden, 4
+        linear, cell, gates = self.kernels.linear_at, self.kernels.lstm_cell_at, self._gates.data_ptr()
+        x = 0
+        for k, packed in enumerate(self._packed[:-1]):
+            h = self.h.data_ptr() + (k * self.rows + a) * hs * f32
+            c = self.c.data_ptr() + (k * self.rows + a) * hs * f32
+            if k == 0:
+                tokens = self.tokens.data_ptr() + a * 8
+                linear(n, h, hs, hs, None, 0, 0, packed.panels.data_ptr(), 4 * hs, self.table0.data_ptr(), tokens,
+                       gates, 4 * hs)  # fmt: skip
+            else:
+                linear(n, x, hs, hs, h, hs, hs, packed.panels.data_ptr(), 4 * hs, packed.bias_address, None,
+                       gates, 4 * hs)  # fmt: skip
+            cell(n, gates, 4 * hs, c, h, hs, hs)
+            x = h
+        return self.h[-1, a:b]
+
     def step(self, n: int) -> torch.Tensor:
-        """Advance rows [0, n) by one token; return their logits for the next one."""
+        """Advance rows [0, n) by one token; return their logits for the next one (with the native
+        kernels, a view of a buffer the next step overwrites)."""
         r = n if self.row_invariant else self.rows  # a fixed shape is what keeps rows exact elsewhere
-        return self.fc(self._advance(0, r))[:n]
+        top = self._advance(0, r)
+        return self._project(n) if n <= self.native_rows else self.fc(top)[:n]
+
+    def _project(self, n: int) -> torch.Tensor:
+        """The output layer for rows [0, n) of the top layer's h, in C, into the logits buffer."""
+        assert self.kernels is not None
+        fc = self._packed[-1]
+        h = self.h.data_ptr() + (self.layers - 1) * self.rows * self.hidden * 4
+        self.kernels.linear_at(n, h, self.hidden, self.hidden, None, 0, 0, fc.panels.data_ptr(), fc.outputs,
+                               fc.bias_address, None, self._logits.data_ptr(), fc.outputs)  # fmt: skip
+        return self._logits[:n]
 
     def prefill(self, start: int, seeds: list[torch.Tensor]) -> torch.Tensor:
         """Run `seeds` (longest first) into rows start.. from a zero state, all rows together, one
@@ -374,12 +429,16 @@ class _Decoder:
 class Engine:
     """Continuous-batching text generation over one model, on CPU or CUDA."""
 
-    def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None):
+    def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None, use_native: bool = True):
+        """`use_native=False` runs on PyTorch alone even where the native kernels are built."""
         self.model = model.eval()
         self.vocab = vocab
         self.limits = limits or EngineLimits()
         self.device = model.fc.weight.device
-        self._decoder = _Decoder(model, self.limits.max_batch)
+        kernels = native.load() if use_native and self.device.type == "cpu" else None
+        self._decoder = _Decoder(model, self.limits.max_batch, kernels)
+        self._kernels = self._decoder.kernels
+        self._ids = torch.zeros(self.limits.max_batch, dtype=torch.long)
         self._vocab_size = len(vocab)
         self._waiting: collections.deque[Generation] = collections.deque()
         self._rows: list[_Row] = []
@@ -590,6 +649,15 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """One id per row, each drawn with that row's settings and its own random stream."""
         params = [r.sampler.params for r in rows]
+        if self._kernels is not None:
+            return self._kernels.sample(
+                logits.contiguous(),
+                [p.scale_factor for p in params],
+                [p.top_k or self._vocab_size for p in params],
+                [p.top_p if p.top_p is not None else 2.0 for p in params],
+                [r.sampler.uniform() for r in rows],
+                self._ids,
+            )
         dev = logits.device
         scale = torch.tensor([p.scale_factor for p in params], device=dev)
         top_k = torch.tensor([p.top_k or self._vocab_size for p in params], device=dev)

@@ -5,8 +5,10 @@ import time
 import pytest
 import torch
 
+from charlm import native
 from charlm.checkpoint import Checkpoint
 from charlm.engine import (
+    NATIVE_ROWS,
     Engine,
     EngineClosedError,
     EngineLimits,
@@ -25,17 +27,22 @@ def engine(tiny: Checkpoint):
         yield eng
 
 
-def solo(tiny: Checkpoint, request: GenerationRequest) -> str:
-    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1)) as eng:
+def solo(tiny: Checkpoint, request: GenerationRequest, use_native: bool = True) -> str:
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1), use_native=use_native) as eng:
         return eng.generate(request).text
 
 
-def test_decode_step_matches_plain_nn_lstm(tiny: Checkpoint) -> None:
+KERNELS = native.load()
+
+
+@pytest.mark.parametrize("kernels", [KERNELS, None], ids=["native", "torch"])
+def test_decode_step_matches_plain_nn_lstm(tiny: Checkpoint, kernels: native.Kernels | None) -> None:
     model, vocab = tiny.model, tiny.vocab
     ids = vocab.encode("The engineer and the sailor walked along the shore")
     with torch.inference_mode():
         expected, _, _ = model(ids[None])
-        decoder = _Decoder(model, 4)
+        decoder = _Decoder(model, 4, kernels)
+        assert decoder.native_rows == (NATIVE_ROWS if kernels else 0)
         zeros = torch.zeros(model.config.layers, model.config.hidden)
         decoder.load_row(0, zeros, zeros)
         for t in range(len(ids)):
@@ -44,12 +51,15 @@ def test_decode_step_matches_plain_nn_lstm(tiny: Checkpoint) -> None:
             assert torch.allclose(logits[0], expected[0, t], atol=1e-5), t
 
 
-def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(tiny: Checkpoint) -> None:
+@pytest.mark.parametrize("kernels", [KERNELS, None], ids=["native", "torch"])
+def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(
+    tiny: Checkpoint, kernels: native.Kernels | None
+) -> None:
     model, vocab = tiny.model, tiny.vocab
     seeds = ["the island while the reporter wrote in his notebook", "The engineer and the sailor", "wood", "T"]
     ids = [vocab.encode(s) for s in seeds]
     with torch.inference_mode():
-        decoder = _Decoder(model, 8)
+        decoder = _Decoder(model, 8, kernels)
         together = decoder.prefill(0, ids).clone()
         h_together = decoder.h[:, :4].clone()
         for i, seq in enumerate(ids):
@@ -62,17 +72,20 @@ def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(tiny: Ch
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("size", ["tiny", "default"])
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("path", ["native", "onednn", "fixed"])
 def test_each_row_of_the_decode_step_is_independent_of_the_batch(
-    tiny: Checkpoint, threads: int, size: str, onednn: bool, monkeypatch: pytest.MonkeyPatch
+    tiny: Checkpoint, threads: int, size: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not onednn:  # the path CUDA takes: every step runs at the full row count
+    # native: few rows in C, more through oneDNN; onednn: all through oneDNN and PyTorch ops;
+    # fixed: the path CUDA takes, every step at the full row count.
+    if path == "fixed":
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     torch.manual_seed(0)
     model = tiny.model if size == "tiny" else CharLSTM(ModelConfig(vocab_size=79)).eval()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    decoder = _Decoder(model, 64)
+    decoder = _Decoder(model, 64, KERNELS if path == "native" else None)
+    assert (decoder.native_rows > 0) == (path == "native")
     decoder.h.normal_()
     decoder.c.normal_()
     decoder.tokens.random_(0, model.config.vocab_size)
@@ -89,6 +102,15 @@ def test_each_row_of_the_decode_step_is_independent_of_the_batch(
             torch.set_num_threads(before)
 
 
+def test_native_products_are_not_mixed_with_onednn_unless_they_agree(
+    tiny: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert KERNELS is not None
+    monkeypatch.setattr(native.Kernels, "agrees", lambda *args: False)
+    decoder = _Decoder(tiny.model, 8, KERNELS)
+    assert decoder.native_rows == 0 and decoder.kernels is KERNELS  # every product through oneDNN
+
+
 def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
     def run(seed: int) -> str:
         return engine.generate(GenerationRequest("The ", length=200, random_seed=seed)).generated
@@ -97,7 +119,8 @@ def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
     assert run(1) != run(2)
 
 
-def test_reproducible_among_63_concurrent_requests(tiny: Checkpoint, engine: Engine) -> None:
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_reproducible_among_63_concurrent_requests(tiny: Checkpoint, use_native: bool) -> None:
     # Seeds short and long (both prefill paths), repeated (shared prefill rows) and unique.
     requests = [
         GenerationRequest(
@@ -110,11 +133,14 @@ def test_reproducible_among_63_concurrent_requests(tiny: Checkpoint, engine: Eng
         )
         for i in range(64)
     ]
-    gens = [engine.submit(r) for r in requests]
-    together = [g.result(timeout=120).text for g in gens]
-    assert engine.stats["batch_rows"] / engine.stats["steps"] > 30  # they really were batched
-    for req, text in zip(requests, together):
-        assert text == solo(tiny, req)
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=64), use_native=use_native) as engine:
+        assert (engine._kernels is not None) == use_native
+        gens = [engine.submit(r) for r in requests]
+        together = [g.result(timeout=120).text for g in gens]
+        assert engine.stats["batch_rows"] / engine.stats["steps"] > 30  # they really were batched
+    checked = 64 if use_native else 16  # the PyTorch-only path is slower; a quarter of them tells as much
+    for req, text in list(zip(requests, together))[:checked]:
+        assert text == solo(tiny, req, use_native)
 
 
 def test_without_onednn_steps_run_at_full_size_and_stay_reproducible(

@@ -1,0 +1,111 @@
+"""The compiled decode kernels: built by the install, bit-identical to oneDNN, same as PyTorch's math."""
+
+import pytest
+import torch
+
+from charlm import native
+from charlm.sampling import sample_rows
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.Kernels:
+    loaded = native.load()
+    assert loaded is not None, "charlm._native was not built: is there a C compiler? (pip install -e . builds it)"
+    return loaded
+
+
+SHAPES = [(2048, 1024), (2048, 512), (79, 512), (40, 24), (5, 3)]  # (outputs, inputs): tails of every size
+
+
+def onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+
+
+@pytest.mark.parametrize("outputs, inputs", SHAPES)
+def test_linear_is_bit_identical_to_onednn_for_any_row_count(kernels: native.Kernels, outputs: int, inputs: int):
+    gen = torch.Generator().manual_seed(outputs + inputs)
+    weight, bias = torch.randn(outputs, inputs, generator=gen) * 0.05, torch.randn(outputs, generator=gen)
+    packed = native.pack(weight, bias)
+    assert kernels.agrees(packed, weight, bias)
+    for rows in (1, 2, 3, 7, 64):
+        x = torch.randn(rows, inputs, generator=gen)
+        assert torch.equal(kernels.linear(packed, x), onednn(x, weight, bias)), rows
+        assert torch.allclose(kernels.linear(packed, x), x @ weight.t() + bias, atol=1e-4)
+        assert torch.equal(kernels.linear(native.pack(weight), x), onednn(x, weight, None)), rows
+
+
+def test_linear_with_two_inputs_equals_their_concatenation(kernels: native.Kernels) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
+    x, x2 = torch.randn(3, 25, generator=gen), torch.randn(3, 15, generator=gen)
+    packed = native.pack(weight, bias)
+    assert torch.equal(kernels.linear(packed, x, x2), kernels.linear(packed, torch.cat([x, x2], 1)))
+    with pytest.raises(ValueError, match="expected 40 columns, got 25"):
+        kernels.linear(packed, x)
+
+
+def test_linear_adds_the_table_row_each_row_names(kernels: native.Kernels) -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight, table = torch.randn(48, 16, generator=gen), torch.randn(10, 48, generator=gen)
+    x, ids = torch.randn(4, 16, generator=gen), torch.tensor([3, 0, 9, 3])
+    got = kernels.linear(native.pack(weight), x, addend=table, add_rows=ids)
+    assert torch.equal(got, onednn(x, weight, None) + table[ids])
+
+
+@pytest.mark.parametrize("outputs, inputs", SHAPES)
+def test_portable_code_gives_the_same_bits_as_avx2(kernels: native.Kernels, outputs: int, inputs: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    packed = native.pack(torch.randn(outputs, inputs, generator=gen), torch.randn(outputs, generator=gen))
+    x = torch.randn(3, inputs, generator=gen)
+    fast = kernels.linear(packed, x)
+    kernels.force_portable(True)
+    try:
+        assert torch.equal(kernels.linear(packed, x), fast)
+    finally:
+        kernels.force_portable(False)
+
+
+def reference_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    i, f, o, g = gates.double().chunk(4, 1)
+    c_new = f.sigmoid() * c.double() + i.sigmoid() * g.tanh()
+    return c_new, o.sigmoid() * c_new.tanh()
+
+
+@pytest.mark.parametrize("hidden", [512, 48, 13])
+def test_lstm_cell_matches_the_lstm_equations(kernels: native.Kernels, hidden: int) -> None:
+    gen = torch.Generator().manual_seed(hidden)
+    gates = torch.randn(5, 4 * hidden, generator=gen) * 4
+    gates[0, :8] = torch.tensor([-200.0, 200.0, -89.0, 89.0, 0.0, 1e-8, -1e-8, 30.0])  # saturation, no NaN
+    c0 = torch.randn(5, hidden, generator=gen) * 3
+    c, h = c0.clone(), torch.empty(5, hidden)
+    kernels.lstm_cell(gates, c, h)
+    c_ref, h_ref = reference_cell(gates, c0)
+    assert torch.allclose(c.double(), c_ref, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(h.double(), h_ref, atol=1e-6)
+    c2, h2 = c0.clone(), torch.empty(5, hidden)
+    kernels.force_portable(True)
+    try:
+        kernels.lstm_cell(gates, c2, h2)
+    finally:
+        kernels.force_portable(False)
+    assert torch.equal(c2, c) and torch.equal(h2, h)
+
+
+def test_sampler_draws_what_sample_rows_draws(kernels: native.Kernels) -> None:
+    gen = torch.Generator().manual_seed(3)
+    n, vocab = 3000, 79
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    logits[:100, 5] = logits[:100, 6]  # ties break by id in both
+    scale = torch.rand(n, generator=gen) * 2 + 0.2
+    top_k = torch.randint(1, vocab + 1, (n,), generator=gen)
+    top_p = torch.rand(n, generator=gen) * 1.3
+    top_p[top_p > 1] = 2.0
+    u = torch.rand(n, dtype=torch.float64, generator=gen)
+    expected = sample_rows(logits, scale, top_k, top_p, u)
+    out = torch.empty(n, dtype=torch.long)
+    got = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), u.tolist(), out)
+    assert torch.equal(got, expected)
+    firsts = kernels.sample(logits[:1].expand(200, -1).contiguous(), [1.0] * 200, [3] * 200, [2.0] * 200,
+                            torch.rand(200, generator=gen).tolist(), out)
+    assert set(firsts.tolist()) == set(torch.topk(logits[0], 3).indices.tolist())
