@@ -99,7 +99,7 @@ def main() -> None:
     print(f"charlm    1 request, PyTorch only (no native kernels): {torch_only:,.0f} chars/s  = "
           f"{torch_only / base:.1f}x baseline")
     with Engine(ckpt.model, ckpt.vocab, limits) as engine:
-        native = engine._decoder.native_rows > 0
+        native = engine._decoder.kernels is not None
         gc.freeze()  # as the service does once it is ready: no 100 ms full collections mid-run
         single = single_chars_per_s(engine, args.repeats)
         print(f"charlm    1 request  x {LENGTH} chars: {single:,.0f} chars/s  = {single / base:.1f}x baseline "

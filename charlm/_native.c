@@ -1,10 +1,10 @@
 /* Decode-step kernels for the charlm engine, loaded with ctypes by charlm/native.py.
  *
  * Each output is computed by the same sequence of float operations however many rows are in
- * the call, so a request's text never depends on who shares its step. A product accumulates one
- * fused multiply-add per input, in input order, from zero, and adds the bias last: the arithmetic
- * of oneDNN's packed linear, which the engine uses for large batches. native.py checks at load
- * that the two agree bit for bit before it lets the engine mix them.
+ * the call, so a request's text never depends on who shares its step: a product accumulates one
+ * fused multiply-add per input, in input order, from zero, and adds the bias last, whether its
+ * row runs alone or in a block of four; threads split output columns, never inputs. (This is also
+ * the arithmetic of oneDNN's packed linear, bit for bit, on the machines we checked.)
  *
  * The AVX2 and the portable code do the same operations (fmaf is exactly rounded, like the
  * vector FMA), so they give the same bits too; the portable code is just slower.
@@ -20,6 +20,7 @@
 #endif
 
 #define PANEL 16 /* output columns per packed panel: weights are stored [panel][input][16] */
+#define GROUP (4 * PANEL) /* output columns a thread takes at a time */
 #define PARALLEL_MIN (1 << 18) /* multiply-adds below which a second thread costs more than it saves */
 
 static int use_avx2 = -1; /* -1: not decided yet */
@@ -92,6 +93,40 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(const float *x1, int 
   _mm256_storeu_ps(acc, a0);
   _mm256_storeu_ps(acc + 8, a1);
 }
+
+/* Four rows at once on one panel: each weight loaded once serves four rows (eight chains). */
+__attribute__((target("avx2,fma"))) static void rows4_avx2(const float *const x1[4], int k1, const float *const x2[4],
+                                                           int k2, const float *w, float *acc, int ldacc) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int part = 0; part < 2; part++) {
+    const float *const *x = part ? x2 : x1;
+    const float *p0 = x[0], *p1 = x[1], *p2 = x[2], *p3 = x[3];
+    int k = part ? k2 : k1;
+    for (int i = 0; i < k; i++, w += PANEL) {
+      __m256 lo = _mm256_loadu_ps(w), hi = _mm256_loadu_ps(w + 8), xb;
+      xb = _mm256_broadcast_ss(p0 + i);
+      a0 = _mm256_fmadd_ps(xb, lo, a0);
+      a1 = _mm256_fmadd_ps(xb, hi, a1);
+      xb = _mm256_broadcast_ss(p1 + i);
+      a2 = _mm256_fmadd_ps(xb, lo, a2);
+      a3 = _mm256_fmadd_ps(xb, hi, a3);
+      xb = _mm256_broadcast_ss(p2 + i);
+      a4 = _mm256_fmadd_ps(xb, lo, a4);
+      a5 = _mm256_fmadd_ps(xb, hi, a5);
+      xb = _mm256_broadcast_ss(p3 + i);
+      a6 = _mm256_fmadd_ps(xb, lo, a6);
+      a7 = _mm256_fmadd_ps(xb, hi, a7);
+    }
+  }
+  _mm256_storeu_ps(acc, a0);
+  _mm256_storeu_ps(acc + 8, a1);
+  _mm256_storeu_ps(acc + ldacc, a2);
+  _mm256_storeu_ps(acc + ldacc + 8, a3);
+  _mm256_storeu_ps(acc + 2 * ldacc, a4);
+  _mm256_storeu_ps(acc + 2 * ldacc + 8, a5);
+  _mm256_storeu_ps(acc + 3 * ldacc, a6);
+  _mm256_storeu_ps(acc + 3 * ldacc + 8, a7);
+}
 #endif
 
 /* y[r][j] = sum_i [x1[r], x2[r]][i] * W[j][i] + addend[j], for j < n.
@@ -102,27 +137,41 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(const float *x1, int 
  */
 void charlm_linear(int rows, const float *x1, int ldx1, int k1, const float *x2, int ldx2, int k2,
                    const float *panels, int n, const float *addend, const int64_t *add_rows, float *y, int ldy) {
-  int groups = (n + 4 * PANEL - 1) / (4 * PANEL);
+  int groups = (n + GROUP - 1) / GROUP;
   size_t stride = (size_t)(k1 + k2) * PANEL;
-  /* Threads split the output columns, never the inputs: each output keeps its one chain. */
+  /* Threads split the output columns, never the inputs: each output keeps its one chain. A
+   * group's panels stay in cache while every row block passes over them. */
 #pragma omp parallel for schedule(static) if ((size_t)rows * n * (k1 + k2) >= PARALLEL_MIN)
   for (int grp = 0; grp < groups; grp++) {
-    float acc[4 * PANEL];
-    for (int r = 0; r < rows; r++) {
+    float acc[4 * GROUP];
+    int j0 = grp * GROUP, j1 = j0 + GROUP < n ? j0 + GROUP : n;
+    const float *w = panels + (size_t)(j0 / PANEL) * stride;
+    for (int r = 0; r < rows;) {
+      int block = 1;
       const float *a = x1 + (size_t)r * ldx1, *b = x2 ? x2 + (size_t)r * ldx2 : NULL;
-      const float *add = addend ? addend + (add_rows ? (size_t)add_rows[r] * n : 0) : NULL;
-      int j0 = grp * 4 * PANEL, j1 = j0 + 4 * PANEL < n ? j0 + 4 * PANEL : n;
-      const float *w = panels + (size_t)(j0 / PANEL) * stride;
 #ifdef HAVE_AVX2_CODE
-      if (avx2() && j1 - j0 > 3 * PANEL) {
+      if (avx2() && r + 1 < rows) { /* 2 or 3 rows left: the last one is repeated and dropped */
+        const float *as[4], *bs[4];
+        block = rows - r < 4 ? rows - r : 4;
+        for (int q = 0; q < 4; q++) {
+          int row = q < block ? q : block - 1;
+          as[q] = a + (size_t)row * ldx1;
+          bs[q] = b ? b + (size_t)row * ldx2 : NULL;
+        }
+        for (int j = j0; j < j1; j += PANEL)
+          rows4_avx2(as, k1, bs, k2, w + (j - j0) / PANEL * stride, acc + j - j0, GROUP);
+      } else if (avx2() && j1 - j0 > 3 * PANEL) {
         panels4_avx2(a, k1, b, k2, w, stride, acc);
       } else if (avx2()) {
         for (int j = j0; j < j1; j += PANEL) panel_avx2(a, k1, b, k2, w + (j - j0) / PANEL * stride, acc + j - j0);
       } else
 #endif
         for (int j = j0; j < j1; j += PANEL) panel_portable(a, k1, b, k2, w + (j - j0) / PANEL * stride, acc + j - j0);
-      float *out = y + (size_t)r * ldy;
-      for (int j = j0; j < j1; j++) out[j] = add ? acc[j - j0] + add[j] : acc[j - j0];
+      for (int q = 0; q < block; q++, r++) {
+        const float *add = addend ? addend + (add_rows ? (size_t)add_rows[r] * n : 0) : NULL;
+        float *out = y + (size_t)r * ldy;
+        for (int j = j0; j < j1; j++) out[j] = add ? acc[q * GROUP + j - j0] + add[j] : acc[q * GROUP + j - j0];
+      }
     }
   }
 }

@@ -42,10 +42,6 @@ FinishReason = Literal["length", "stop", "cancelled", "timeout"]
 # it every row of a product gets the same bits whatever the number of rows (checked by the tests).
 PACK_BATCH_HINT = 64
 
-# Steps of up to this many rows run in the native kernels; larger ones multiply through oneDNN,
-# which reads each weight once for all rows (the kernels read it once per row).
-NATIVE_ROWS = 2
-
 # Seeds up to this many characters are prefilled together, through the decoder's batched steps.
 SHORT_SEED = 64
 
@@ -300,9 +296,9 @@ class _Decoder:
     two biases summed into it); deeper layers multiply [input, h] by [W_ih, W_hh] in one product.
     Row i of `h`, `c` and `tokens` is one request's state; rows are advanced in contiguous ranges.
 
-    With the native kernels (CPU), steps of up to `native_rows` rows run entirely in C, larger ones
-    multiply through oneDNN, and every step's LSTM cell runs in C: the two products agree bit for
-    bit (checked here at start), so a row's arithmetic never depends on the step's size.
+    With the native kernels (CPU) a step is a few C calls on raw addresses; each row's arithmetic
+    there is the same whatever the number of rows. Without them, PyTorch runs the step (see
+    `_Linear` for how rows stay exact there).
     """
 
     def __init__(self, model: CharLSTM, rows: int, kernels: native.Kernels | None = None):
@@ -322,25 +318,25 @@ class _Decoder:
             for k in range(1, cfg.layers)
         ]
         weights.append((model.fc.weight.detach().float(), model.fc.bias.detach().float()))
-        linears = [_Linear(weight, bias) for weight, bias in weights]
-        self.proj, self.fc = linears[:-1], linears[-1]
-        self.row_invariant = self.fc.row_invariant
+        self.kernels = kernels if dev.type == "cpu" else None
+        if self.kernels is not None:
+            self._packed = [native.pack(weight, bias) for weight, bias in weights]
+            self._gates = torch.empty(rows, 4 * cfg.hidden)
+            self._logits = torch.empty(rows, cfg.vocab_size)
+            self.row_invariant = True
+        else:
+            linears = [_Linear(weight, bias) for weight, bias in weights]
+            self.proj, self.fc = linears[:-1], linears[-1]
+            self.row_invariant = self.fc.row_invariant
         self.h = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
         self.c = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.kernels = kernels if self.row_invariant else None
-        self.native_rows = 0
-        if self.kernels is not None:
-            self._packed = [native.pack(weight, bias) for weight, bias in weights]
-            if all(self.kernels.agrees(p, weight, bias) for p, (weight, bias) in zip(self._packed, weights)):
-                self.native_rows = NATIVE_ROWS
-            self._gates = torch.empty(rows, 4 * cfg.hidden)
-            self._logits = torch.empty(rows, cfg.vocab_size)
 
-    def _advance(self, a: int, b: int) -> torch.Tensor:
-        """Feed rows [a, b) their token in `self.tokens`; return the top layer's new h."""
-        if b - a <= self.native_rows:
-            return self._advance_native(a, b)
+    def _advance(self, a: int, b: int) -> None:
+        """Feed rows [a, b) their token in `self.tokens`."""
+        if self.kernels is not None:
+            self._advance_native(a, b)
+            return
         hs = self.hidden
         x = self.h[0, a:b]
         for k in range(self.layers):
@@ -349,51 +345,48 @@ class _Decoder:
                 gates = self.proj[0](h).add_(self.table0.index_select(0, self.tokens[a:b]))
             else:
                 gates = self.proj[k](torch.cat([x, h], dim=1))
-            if self.kernels is not None:
-                self.kernels.lstm_cell(gates, c, h)
-            else:
-                sig = gates[:, : 3 * hs].sigmoid_()
-                g = gates[:, 3 * hs :].tanh_()
-                c.mul_(sig[:, hs : 2 * hs]).addcmul_(sig[:, :hs], g)
-                torch.mul(sig[:, 2 * hs :], torch.tanh(c), out=h)
+            sig = gates[:, : 3 * hs].sigmoid_()
+            g = gates[:, 3 * hs :].tanh_()
+            c.mul_(sig[:, hs : 2 * hs]).addcmul_(sig[:, :hs], g)
+            torch.mul(sig[:, 2 * hs :], torch.tanh(c), out=h)
             x = h
-        return x
 
-    def _advance_native(self, a: int, b: int) -> torch.Tensor:
-        """`_advance` in C: one product and one cell call per layer, on raw addresses."""
+    def _advance_native(self, a: int, b: int) -> None:
+        """`_advance` in C: one product and one cell call per layer."""
         assert self.kernels is not None
-        n, hs, f32 = b - a, self.hidden, 4
+        n, hs = b - a, self.hidden
         linear, cell, gates = self.kernels.linear_at, self.kernels.lstm_cell_at, self._gates.data_ptr()
         x = 0
         for k, packed in enumerate(self._packed[:-1]):
-            h = self.h.data_ptr() + (k * self.rows + a) * hs * f32
-            c = self.c.data_ptr() + (k * self.rows + a) * hs * f32
-            if k == 0:
-                tokens = self.tokens.data_ptr() + a * 8
-                linear(n, h, hs, hs, None, 0, 0, packed.panels.data_ptr(), 4 * hs, self.table0.data_ptr(), tokens,
-                       gates, 4 * hs)  # fmt: skip
+            h, c = self._row_address(self.h, k, a), self._row_address(self.c, k, a)
+            if k == 0:  # layer 0 adds the table row of each row's token
+                linear(n, h, hs, hs, None, 0, 0, packed.panels.data_ptr(), 4 * hs, self.table0.data_ptr(),
+                       self.tokens.data_ptr() + a * self.tokens.element_size(), gates, 4 * hs)  # fmt: skip
             else:
                 linear(n, x, hs, hs, h, hs, hs, packed.panels.data_ptr(), 4 * hs, packed.bias_address, None,
                        gates, 4 * hs)  # fmt: skip
             cell(n, gates, 4 * hs, c, h, hs, hs)
             x = h
-        return self.h[-1, a:b]
+
+    def _row_address(self, t: torch.Tensor, layer: int, row: int) -> int:
+        return t.data_ptr() + (layer * self.rows + row) * self.hidden * t.element_size()
+
+    def _logits_of(self, a: int, b: int) -> torch.Tensor:
+        """The output layer on the top layer's h of rows [a, b) (with the native kernels, a view
+        of a buffer that the next call overwrites)."""
+        if self.kernels is None:
+            return self.fc(self.h[-1, a:b])
+        fc, hs = self._packed[-1], self.hidden
+        self.kernels.linear_at(b - a, self._row_address(self.h, self.layers - 1, a), hs, hs, None, 0, 0,
+                               fc.panels.data_ptr(), fc.outputs, fc.bias_address, None,
+                               self._logits[a:b].data_ptr(), fc.outputs)  # fmt: skip
+        return self._logits[a:b]
 
     def step(self, n: int) -> torch.Tensor:
-        """Advance rows [0, n) by one token; return their logits for the next one (with the native
-        kernels, a view of a buffer the next step overwrites)."""
+        """Advance rows [0, n) by one token; return their logits for the next one."""
         r = n if self.row_invariant else self.rows  # a fixed shape is what keeps rows exact elsewhere
-        top = self._advance(0, r)
-        return self._project(n) if n <= self.native_rows else self.fc(top)[:n]
-
-    def _project(self, n: int) -> torch.Tensor:
-        """The output layer for rows [0, n) of the top layer's h, in C, into the logits buffer."""
-        assert self.kernels is not None
-        fc = self._packed[-1]
-        h = self.h.data_ptr() + (self.layers - 1) * self.rows * self.hidden * 4
-        self.kernels.linear_at(n, h, self.hidden, self.hidden, None, 0, 0, fc.panels.data_ptr(), fc.outputs,
-                               fc.bias_address, None, self._logits.data_ptr(), fc.outputs)  # fmt: skip
-        return self._logits[:n]
+        self._advance(0, r)
+        return self._logits_of(0, r)[:n]
 
     def prefill(self, start: int, seeds: list[torch.Tensor]) -> torch.Tensor:
         """Run `seeds` (longest first) into rows start.. from a zero state, all rows together, one
@@ -413,7 +406,7 @@ class _Decoder:
                 live -= 1
             self.tokens[start : start + live].copy_(ids[:live, t])
             self._advance(start, start + live)
-        return self.fc(self.h[-1, start:stop])
+        return self._logits_of(start, stop)
 
     def load_row(self, i: int, h: torch.Tensor, c: torch.Tensor) -> None:
         """Put one request's state, h and c of shape (layers, hidden), into row i."""

@@ -3,8 +3,9 @@
 A one-request decode step through PyTorch is some thirty small operator calls plus a sampler of a
 dozen more; their dispatch costs more than the arithmetic. These kernels run a layer's product,
 its LSTM cell and the sampling of all rows in one call each, streaming the weights at memory speed.
-Their products use the same arithmetic as oneDNN's packed linear (checked by `Kernels.agrees`), so
-the engine can run few rows here and many rows through oneDNN and a row's bits never change.
+Each output of a product is one chain of fused multiply-adds in input order, whatever the number of
+rows, so a request's bits never depend on how many others share its step; rows are blocked four at a
+time so that a weight read from memory serves several rows.
 
 `load()` returns None where the extension was not built (no C compiler at install time); the engine
 then runs on PyTorch alone, just slower.
@@ -126,19 +127,6 @@ class Kernels:
         if status != 0:
             raise MemoryError("native sampler could not allocate its scratch memory")
         return out[:rows]
-
-    def agrees(self, packed: Packed, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 3) -> bool:
-        """Whether these products equal oneDNN's packed linear bit for bit on random inputs, for 1
-        and for `rows` rows: the condition for mixing the two within one engine."""
-        onednn = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 64)
-        gen = torch.Generator().manual_seed(0)
-        for n in (1, rows):
-            x = torch.randn(n, packed.inputs, generator=gen)
-            ours = self.linear(packed, x, addend=bias)
-            theirs = torch.ops.mkldnn._linear_pointwise(x, onednn, bias, "none", [None], "")
-            if not torch.equal(ours, theirs):
-                return False
-        return True
 
 
 def _addr(t: torch.Tensor | None) -> int | None:

@@ -8,7 +8,6 @@ import torch
 from charlm import native
 from charlm.checkpoint import Checkpoint
 from charlm.engine import (
-    NATIVE_ROWS,
     Engine,
     EngineClosedError,
     EngineLimits,
@@ -42,7 +41,7 @@ def test_decode_step_matches_plain_nn_lstm(tiny: Checkpoint, kernels: native.Ker
     with torch.inference_mode():
         expected, _, _ = model(ids[None])
         decoder = _Decoder(model, 4, kernels)
-        assert decoder.native_rows == (NATIVE_ROWS if kernels else 0)
+        assert decoder.kernels is kernels
         zeros = torch.zeros(model.config.layers, model.config.hidden)
         decoder.load_row(0, zeros, zeros)
         for t in range(len(ids)):
@@ -76,8 +75,8 @@ def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(
 def test_each_row_of_the_decode_step_is_independent_of_the_batch(
     tiny: Checkpoint, threads: int, size: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # native: few rows in C, more through oneDNN; onednn: all through oneDNN and PyTorch ops;
-    # fixed: the path CUDA takes, every step at the full row count.
+    # native: the C kernels; onednn: oneDNN and PyTorch ops; fixed: the path CUDA takes, every step
+    # at the full row count.
     if path == "fixed":
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     torch.manual_seed(0)
@@ -85,7 +84,7 @@ def test_each_row_of_the_decode_step_is_independent_of_the_batch(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     decoder = _Decoder(model, 64, KERNELS if path == "native" else None)
-    assert (decoder.native_rows > 0) == (path == "native")
+    assert (decoder.kernels is not None) == (path == "native")
     decoder.h.normal_()
     decoder.c.normal_()
     decoder.tokens.random_(0, model.config.vocab_size)
@@ -100,15 +99,6 @@ def test_each_row_of_the_decode_step_is_independent_of_the_batch(
                 assert torch.equal(decoder.step(n), full[:n]), n
         finally:
             torch.set_num_threads(before)
-
-
-def test_native_products_are_not_mixed_with_onednn_unless_they_agree(
-    tiny: Checkpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert KERNELS is not None
-    monkeypatch.setattr(native.Kernels, "agrees", lambda *args: False)
-    decoder = _Decoder(tiny.model, 8, KERNELS)
-    assert decoder.native_rows == 0 and decoder.kernels is KERNELS  # every product through oneDNN
 
 
 def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
@@ -148,7 +138,7 @@ def test_without_onednn_steps_run_at_full_size_and_stay_reproducible(
 ) -> None:
     # The path CUDA takes: no row-invariant kernel, so every step has the same shape instead.
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=16)) as eng:
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=16), use_native=False) as eng:
         assert not eng._decoder.row_invariant
         requests = [GenerationRequest(["The ", "wood"][i % 2], length=150, random_seed=i) for i in range(16)]
         alone = [eng.generate(r).text for r in requests[:3]]
