@@ -9,7 +9,7 @@ PORT ?= 8000
 
 .PHONY: install serve test bench clean
 
-$(BIN)/charlm: pyproject.toml
+$(BIN)/charlm: pyproject.toml charlm/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -53,6 +53,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     app.state.ready = True
     log.info("ready: %s on %s (%d parameters)", settings.checkpoint.name, engine.device, ckpt.model.num_parameters())
+    if engine.device.type == "cpu" and not engine.native:
+        log.warning("charlm._native is not built (no C compiler at install?): decoding on PyTorch alone, slower")
     try:
         yield
     finally:

@@ -149,12 +149,13 @@ class Generation:
         self._cancelled = False
         self._loop = loop
         self._async_event = asyncio.Event() if loop else None
+        self._streaming = False  # an `async for` consumer has started: wake its loop per chunk
 
     # --- producer side (worker thread) ---
-    def _notify(self) -> None:
+    def _notify(self, wake_loop: bool = True) -> None:
         with self._cond:
             self._cond.notify_all()
-        if self._loop and self._async_event:
+        if wake_loop and self._loop and self._async_event:
             try:
                 self._loop.call_soon_threadsafe(self._async_event.set)
             except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
@@ -165,7 +166,8 @@ class Generation:
             if self.first_char_at is None:
                 self.first_char_at = time.perf_counter()
             self._chunks.append(text)
-            self._notify()
+            # Waking an event loop costs a syscall and a task switch: only for `async for` consumers.
+            self._notify(wake_loop=self._streaming)
 
     def _finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
@@ -214,12 +216,17 @@ class Generation:
                 return
 
     async def wait(self) -> GenerationResult:
-        async for _ in self:
-            pass
+        """The result, once done; woken only by the finish, not by every character."""
+        assert self._async_event is not None, "submit from the event loop to consume asynchronously"
+        while not self._done.is_set():
+            self._async_event.clear()
+            if not self._done.is_set():
+                await self._async_event.wait()
         return self._outcome()
 
     async def __aiter__(self) -> AsyncIterator[str]:
         assert self._async_event is not None, "submit from the event loop to consume asynchronously"
+        self._streaming = True  # before looking at the chunks, so no chunk can go unannounced
         while True:
             while self._chunks:
                 yield self._chunks.popleft()
@@ -444,6 +451,11 @@ class Engine:
         self._thread.start()
 
     # --- public API ---
+    @property
+    def native(self) -> bool:
+        """Whether decoding runs in the compiled kernels (else PyTorch alone, several times slower)."""
+        return self._kernels is not None
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)

@@ -1,3 +1,4 @@
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -179,6 +180,30 @@ def test_streaming_yields_the_generated_text(engine: Engine) -> None:
     assert len(chunks) > 10 and "".join(chunks) == gen.result().generated
     timings = gen.result().timings
     assert set(timings) == {"queue_ms", "prefill_ms", "generate_ms", "chars_per_s"}
+
+
+def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def consume() -> tuple[list[str], str, int, int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        schedule = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+            nonlocal wakeups
+            wakeups += 1
+            return schedule(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+        streamed = engine.submit(GenerationRequest("The ", length=200, random_seed=4))
+        chunks = [chunk async for chunk in streamed]
+        streamed_wakeups, wakeups = wakeups, 0
+        awaited = await engine.submit(GenerationRequest("The ", length=200, random_seed=4)).wait()
+        return chunks, awaited.generated, streamed_wakeups, wakeups
+
+    chunks, text, streamed_wakeups, awaited_wakeups = asyncio.run(consume())
+    assert "".join(chunks) == text and len(chunks) > 10
+    assert streamed_wakeups >= len(chunks)
+    assert awaited_wakeups == 1  # the finish only: an awaiting handler is not woken per character
 
 
 def test_cancel_frees_the_row(engine: Engine) -> None:

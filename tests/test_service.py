@@ -154,7 +154,7 @@ def test_health_ready_info(client: TestClient, tiny_checkpoint_path: Path) -> No
     info = client.get("/info").json()
     assert info["model"]["config"]["hidden"] == 48 and info["model"]["parameters"] > 0
     assert info["training"]["val_bpc"] > 0 and info["limits"]["max_length"] == 800
-    assert info["device"] == "cpu" and info["version"]
+    assert info["device"] == "cpu" and info["native_kernels"] is True and info["version"]
 
 
 def test_startup_objects_are_frozen_out_of_the_collector(tiny_checkpoint_path: Path) -> None:

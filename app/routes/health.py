@@ -55,5 +55,6 @@ async def info(request: Request) -> dict[str, Any]:
             "max_body_bytes": settings.max_body_bytes,
         },
         "device": str(state.engine.device),
+        "native_kernels": state.engine.native,
         "version": __version__,
     }
