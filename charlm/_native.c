@@ -134,14 +134,16 @@ __attribute__((target("avx2,fma"))) static void rows4_avx2(const float *const x1
  * `panels` is W packed by native.pack(): ceil(n / 16) panels of (k1 + k2) x 16 floats. Row r's
  * addend is addend + add_rows[r] * n when add_rows is given (an embedding-table row), else the
  * same vector for every row (a bias); no addend when it is NULL. x2 may be NULL when k2 is 0.
+ * `threads` (>= 1) caps the threads; they never change the result.
  */
 void charlm_linear(int rows, const float *x1, int ldx1, int k1, const float *x2, int ldx2, int k2,
-                   const float *panels, int n, const float *addend, const int64_t *add_rows, float *y, int ldy) {
+                   const float *panels, int n, const float *addend, const int64_t *add_rows, float *y, int ldy,
+                   int threads) {
   int groups = (n + GROUP - 1) / GROUP;
   size_t stride = (size_t)(k1 + k2) * PANEL;
   /* Threads split the output columns, never the inputs: each output keeps its one chain. A
    * group's panels stay in cache while every row block passes over them. */
-#pragma omp parallel for schedule(static) if ((size_t)rows * n * (k1 + k2) >= PARALLEL_MIN)
+#pragma omp parallel for schedule(static) num_threads(threads) if ((size_t)rows * n * (k1 + k2) >= PARALLEL_MIN)
   for (int grp = 0; grp < groups; grp++) {
     float acc[4 * GROUP];
     int j0 = grp * GROUP, j1 = j0 + GROUP < n ? j0 + GROUP : n;

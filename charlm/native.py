@@ -57,7 +57,8 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL):
         self._lib = lib
-        lib.charlm_linear.argtypes = [_int, _ptr, _int, _int, _ptr, _int, _int, _ptr, _int, _ptr, _ptr, _ptr, _int]
+        lib.charlm_linear.argtypes = [_int, _ptr, _int, _int, _ptr, _int, _int, _ptr, _int, _ptr, _ptr, _ptr, _int,
+                                      _int]
         lib.charlm_linear.restype = None
         lib.charlm_lstm_cell.argtypes = [_int, _ptr, _int, _ptr, _ptr, _int, _int]
         lib.charlm_lstm_cell.restype = None
@@ -96,8 +97,8 @@ class Kernels:
         rows = x.size(0)
         y = torch.empty(rows, packed.outputs)
         self.linear_at(
-            rows, x.data_ptr(), x.size(1), x.size(1), _addr(x2), k2, k2,
-            packed.panels.data_ptr(), packed.outputs, _addr(addend), _addr(add_rows), y.data_ptr(), packed.outputs,
+            rows, x.data_ptr(), x.size(1), x.size(1), _addr(x2), k2, k2, packed.panels.data_ptr(), packed.outputs,
+            _addr(addend), _addr(add_rows), y.data_ptr(), packed.outputs, torch.get_num_threads(),
         )  # fmt: skip
         return y
 
