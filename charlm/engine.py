@@ -228,8 +228,12 @@ class Generation:
         assert self._async_event is not None, "submit from the event loop to consume asynchronously"
         self._streaming = True  # before looking at the chunks, so no chunk can go unannounced
         while True:
-            while self._chunks:
-                yield self._chunks.popleft()
+            if self._chunks:  # whatever came in since the last look, as one piece: a slow reader
+                parts = []  # gets fewer, longer events instead of falling further behind
+                while self._chunks:
+                    parts.append(self._chunks.popleft())
+                yield "".join(parts)
+                continue
             if self._done.is_set():
                 if self._chunks:
                     continue

@@ -198,12 +198,18 @@ def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeyp
         chunks = [chunk async for chunk in streamed]
         streamed_wakeups, wakeups = wakeups, 0
         awaited = await engine.submit(GenerationRequest("The ", length=200, random_seed=4)).wait()
-        return chunks, awaited.generated, streamed_wakeups, wakeups
+        awaited_wakeups = wakeups
+        late = engine.submit(GenerationRequest("The ", length=200, random_seed=4))
+        while not late.done():
+            await asyncio.sleep(0.01)
+        late_chunks = [chunk async for chunk in late]
+        return chunks, awaited.generated, streamed_wakeups, awaited_wakeups, late_chunks
 
-    chunks, text, streamed_wakeups, awaited_wakeups = asyncio.run(consume())
+    chunks, text, streamed_wakeups, awaited_wakeups, late_chunks = asyncio.run(consume())
     assert "".join(chunks) == text and len(chunks) > 10
     assert streamed_wakeups >= len(chunks)
     assert awaited_wakeups == 1  # the finish only: an awaiting handler is not woken per character
+    assert late_chunks == [text]  # a reader that fell behind gets what is waiting in one piece
 
 
 def test_cancel_frees_the_row(engine: Engine) -> None:
