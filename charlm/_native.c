@@ -22,6 +22,8 @@
 #define PANEL 16 /* output columns per packed panel: weights are stored [panel][input][16] */
 #define GROUP (4 * PANEL) /* output columns a thread takes at a time */
 #define PARALLEL_MIN (1 << 18) /* multiply-adds below which a second thread costs more than it saves */
+#define CELL_PARALLEL_MIN 4096 /* the same for cell units */
+#define SAMPLE_PARALLEL_MIN 8  /* and for rows to sample */
 
 static int use_avx2 = -1; /* -1: not decided yet */
 
@@ -250,8 +252,9 @@ __attribute__((target("avx2,fma"))) static int cell_avx2(const float *g, float *
 
 /* The LSTM cell on gate pre-activations in the order (input, forget, output, cell):
  * c = f * c + i * tanh(g), h = o * tanh(c), row by row; row r's gates start at gates + r * ldg,
- * its c and h at c + r * ldch and h + r * ldch. */
-void charlm_lstm_cell(int rows, const float *gates, int ldg, float *c, float *h, int ldch, int hidden) {
+ * its c and h at c + r * ldch and h + r * ldch. Rows are independent: threads split them. */
+void charlm_lstm_cell(int rows, const float *gates, int ldg, float *c, float *h, int ldch, int hidden, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * hidden >= CELL_PARALLEL_MIN)
   for (int r = 0; r < rows; r++) {
     const float *g = gates + (size_t)r * ldg;
     float *cr = c + (size_t)r * ldch, *hr = h + (size_t)r * ldch;
@@ -270,32 +273,42 @@ void charlm_lstm_cell(int rows, const float *gates, int ldg, float *c, float *h,
 
 /* ---------------------------------------------------------------- sampling */
 
-typedef struct {
-  double z;
-  int id;
-} scored;
+/* A key whose ascending order is descending z, then ascending id: the order a stable descending
+ * sort gives. (-0 and +0 compare equal, as they do for the sort.) */
+static uint64_t sort_key(float z, int id) {
+  uint32_t bits;
+  z += 0.0f;  /* -0 becomes +0 */
+  memcpy(&bits, &z, 4);
+  bits = bits & 0x80000000u ? ~bits : bits | 0x80000000u; /* ascending in z */
+  return (uint64_t)~bits << 32 | (uint32_t)id;
+}
 
-/* Most likely first; equal scores by id, so the order is the one a stable sort gives. */
-static int by_score(const void *pa, const void *pb) {
-  const scored *a = pa, *b = pb;
-  if (a->z != b->z) return a->z > b->z ? -1 : 1;
-  return a->id - b->id;
+/* Sort keys[0..n) ascending; tmp holds n more. Bottom-up merge sort: no comparator calls. */
+static void sort_keys(uint64_t *keys, uint64_t *tmp, int n) {
+  for (int width = 1; width < n; width *= 2) {
+    for (int lo = 0; lo < n; lo += 2 * width) {
+      int mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+      int i = lo, j = mid, k = lo;
+      while (i < mid && j < hi) tmp[k++] = keys[i] <= keys[j] ? keys[i++] : keys[j++];
+      while (i < mid) tmp[k++] = keys[i++];
+      while (j < hi) tmp[k++] = keys[j++];
+    }
+    memcpy(keys, tmp, sizeof *keys * n);
+  }
 }
 
 /* One id from logits (vocab floats), as charlm.sampling.sample_rows draws it: z = logits * scale
  * (in float), softmax in double over z sorted high to low, keep the top_k most likely whose
  * preceding mass is below top_p, and take the first whose cumulative mass exceeds u times the kept
- * total. top_k >= vocab and top_p > 1 turn those filters off. `work` holds 2 * vocab doubles. */
+ * total. top_k >= vocab and top_p > 1 turn those filters off. `work` holds 4 * vocab doubles. */
 static int64_t sample_one(const float *logits, int vocab, float scale, int top_k, double top_p, double u,
-                          scored *sorted, double *work) {
-  double *probs = work, *cdf = work + vocab;
-  for (int v = 0; v < vocab; v++) {
-    sorted[v].z = (double)(logits[v] * scale);
-    sorted[v].id = v;
-  }
-  qsort(sorted, vocab, sizeof *sorted, by_score);
-  double top = sorted[0].z, total = 0.0;
-  for (int v = 0; v < vocab; v++) total += probs[v] = exp(sorted[v].z - top);
+                          double *work) {
+  uint64_t *keys = (uint64_t *)work, *tmp = keys + vocab;
+  double *probs = work + 2 * vocab, *cdf = work + 3 * vocab;
+  for (int v = 0; v < vocab; v++) keys[v] = sort_key(logits[v] * scale, v);
+  sort_keys(keys, tmp, vocab);
+  double top = (double)(logits[(uint32_t)keys[0]] * scale), total = 0.0;
+  for (int v = 0; v < vocab; v++) total += probs[v] = exp((double)(logits[(uint32_t)keys[v]] * scale) - top);
   double running = 0.0;
   for (int v = 0; v < vocab; v++) {
     probs[v] /= total;
@@ -311,23 +324,25 @@ static int64_t sample_one(const float *logits, int vocab, float scale, int top_k
   double target = u * cdf[vocab - 1];
   int choice = 0;
   while (choice < vocab - 1 && cdf[choice] <= target) choice++;
-  return sorted[choice].id;
+  return (uint32_t)keys[choice];
 }
 
 /* Row r of logits (rows x vocab) gets id out[r], drawn with its own settings and uniform u[r].
- * Returns 0, or -1 when scratch memory could not be had. */
+ * Rows are independent: threads split them. Returns 0, or -1 when scratch memory could not be had. */
 int charlm_sample(int rows, const float *logits, int vocab, const float *scale, const int32_t *top_k,
-                  const double *top_p, const double *u, int64_t *out) {
-  scored *sorted = malloc(sizeof(scored) * vocab);
-  double *work = malloc(sizeof(double) * 2 * vocab);
-  if (!sorted || !work) {
-    free(sorted);
+                  const double *top_p, const double *u, int64_t *out, int threads) {
+  int failed = 0;
+#pragma omp parallel num_threads(threads) if (rows >= SAMPLE_PARALLEL_MIN)
+  {
+    double *work = malloc(sizeof(double) * 4 * vocab);
+    if (!work) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++)
+      if (work) out[r] = sample_one(logits + (size_t)r * vocab, vocab, scale[r], top_k[r], top_p[r], u[r], work);
     free(work);
-    return -1;
   }
-  for (int r = 0; r < rows; r++)
-    out[r] = sample_one(logits + (size_t)r * vocab, vocab, scale[r], top_k[r], top_p[r], u[r], sorted, work);
-  free(sorted);
-  free(work);
-  return 0;
+  return failed ? -1 : 0;
 }

@@ -378,7 +378,7 @@ class _Decoder:
             else:
                 linear(n, x, hs, hs, h, hs, hs, packed.panels.data_ptr(), 4 * hs, packed.bias_address, None,
                        gates, 4 * hs, self._threads)  # fmt: skip
-            cell(n, gates, 4 * hs, c, h, hs, hs)
+            cell(n, gates, 4 * hs, c, h, hs, hs, self._threads)
             x = h
 
     def _row_address(self, t: torch.Tensor, layer: int, row: int) -> int:

@@ -60,9 +60,9 @@ class Kernels:
         lib.charlm_linear.argtypes = [_int, _ptr, _int, _int, _ptr, _int, _int, _ptr, _int, _ptr, _ptr, _ptr, _int,
                                       _int]
         lib.charlm_linear.restype = None
-        lib.charlm_lstm_cell.argtypes = [_int, _ptr, _int, _ptr, _ptr, _int, _int]
+        lib.charlm_lstm_cell.argtypes = [_int, _ptr, _int, _ptr, _ptr, _int, _int, _int]
         lib.charlm_lstm_cell.restype = None
-        lib.charlm_sample.argtypes = [_int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr]
+        lib.charlm_sample.argtypes = [_int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
         lib.charlm_sample.restype = _int
         lib.charlm_force_portable.argtypes = [_int]
         lib.charlm_uses_avx2.restype = _int
@@ -107,7 +107,8 @@ class Kernels:
         rows, hidden = c.shape
         if gates.shape != (rows, 4 * hidden) or h.shape != c.shape:
             raise ValueError("lstm_cell: gates must be (rows, 4*hidden), c and h (rows, hidden)")
-        self.lstm_cell_at(rows, gates.data_ptr(), 4 * hidden, c.data_ptr(), h.data_ptr(), hidden, hidden)
+        self.lstm_cell_at(rows, gates.data_ptr(), 4 * hidden, c.data_ptr(), h.data_ptr(), hidden, hidden,
+                          torch.get_num_threads())
 
     def sample(
         self,
@@ -124,6 +125,7 @@ class Kernels:
         status = self._lib.charlm_sample(
             rows, logits.data_ptr(), vocab, (ctypes.c_float * rows)(*scale), (ctypes.c_int32 * rows)(*top_k),
             (ctypes.c_double * rows)(*top_p), (ctypes.c_double * rows)(*uniforms), out.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("native sampler could not allocate its scratch memory")
