@@ -444,7 +444,7 @@ class Engine:
         kernels = native.load() if use_native and self.device.type == "cpu" else None
         self._decoder = _Decoder(model, self.limits.max_batch, kernels)
         self._kernels = self._decoder.kernels
-        self._ids = torch.zeros(self.limits.max_batch, dtype=torch.long)
+        self._sampled = torch.zeros(self.limits.max_batch, dtype=torch.long)  # the native sampler's output
         self._vocab_size = len(vocab)
         self._waiting: collections.deque[Generation] = collections.deque()
         self._rows: list[_Row] = []
@@ -662,12 +662,12 @@ class Engine:
         params = [r.sampler.params for r in rows]
         if self._kernels is not None:
             return self._kernels.sample(
-                logits.contiguous(),
+                logits.float().contiguous(),
                 [p.scale_factor for p in params],
                 [p.top_k or self._vocab_size for p in params],
                 [p.top_p if p.top_p is not None else 2.0 for p in params],
                 [r.sampler.uniform() for r in rows],
-                self._ids,
+                self._sampled,
             )
         dev = logits.device
         scale = torch.tensor([p.scale_factor for p in params], device=dev)

@@ -59,6 +59,7 @@ def sample_rows(
 
     scale (rows,) float; top_k (rows,) int (vocab size = off); top_p (rows,) float (> 1 = off);
     uniforms (rows,) in [0, 1). Sorting is stable, so ties break by id, deterministically.
+    The engine's native sampler (charlm_sample in _native.c) draws the same ids; a test holds it to that.
     """
     z = (logits.float() * scale[:, None].float()).double()
     z_sorted, order = torch.sort(z, dim=1, descending=True, stable=True)
