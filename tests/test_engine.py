@@ -8,6 +8,7 @@ import torch
 
 from charlm import native
 from charlm.checkpoint import Checkpoint
+from charlm.decoder import Decoder
 from charlm.engine import (
     Engine,
     EngineClosedError,
@@ -16,7 +17,6 @@ from charlm.engine import (
     GenerationRequest,
     QueueFullError,
     RequestError,
-    _Decoder,
 )
 from charlm.model import CharLSTM, ModelConfig
 
@@ -41,7 +41,7 @@ def test_decode_step_matches_plain_nn_lstm(tiny: Checkpoint, kernels: native.Ker
     ids = vocab.encode("The engineer and the sailor walked along the shore")
     with torch.inference_mode():
         expected, _, _ = model(ids[None])
-        decoder = _Decoder(model, 4, kernels)
+        decoder = Decoder(model, 4, kernels)
         assert decoder.kernels is kernels
         zeros = torch.zeros(model.config.layers, model.config.hidden)
         decoder.load_row(0, zeros, zeros)
@@ -59,7 +59,7 @@ def test_prefill_matches_nn_lstm_and_does_not_depend_on_the_other_seeds(
     seeds = ["the island while the reporter wrote in his notebook", "The engineer and the sailor", "wood", "T"]
     ids = [vocab.encode(s) for s in seeds]
     with torch.inference_mode():
-        decoder = _Decoder(model, 8, kernels)
+        decoder = Decoder(model, 8, kernels)
         together = decoder.prefill(0, ids).clone()
         h_together = decoder.h[:, :4].clone()
         for i, seq in enumerate(ids):
@@ -84,7 +84,7 @@ def test_each_row_of_the_decode_step_is_independent_of_the_batch(
     model = tiny.model if size == "tiny" else CharLSTM(ModelConfig(vocab_size=79)).eval()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    decoder = _Decoder(model, 64, KERNELS if path == "native" else None)
+    decoder = Decoder(model, 64, KERNELS if path == "native" else None)
     assert (decoder.kernels is not None) == (path == "native")
     decoder.h.normal_()
     decoder.c.normal_()
@@ -149,7 +149,7 @@ def test_without_onednn_steps_run_at_full_size_and_stay_reproducible(
             ids = tiny.vocab.encode("The engineer and the sailor")
             expected, _, _ = tiny.model(ids[None])
             zeros = torch.zeros(tiny.model.config.layers, tiny.model.config.hidden)
-            decoder = _Decoder(tiny.model, 4)
+            decoder = Decoder(tiny.model, 4)
             decoder.load_row(0, zeros, zeros)
             for t, token in enumerate(ids):
                 decoder.tokens[0] = token
