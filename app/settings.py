@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="requests waiting before new ones get 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds a request may take before it ends")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    stream_interval_ms: int = Field(50, ge=0, le=1000, description="a stream sends at most one text event per this")
     api_key: SecretStr | None = Field(None, description="when set, requests need Authorization: Bearer <key>")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: PyTorch's choice)")
     host: str = "127.0.0.1"

@@ -145,13 +145,15 @@ class Generation:
         self._cancelled = False
         self._loop = loop
         self._async_event = asyncio.Event() if loop else None
-        self._streaming = False  # an `async for` consumer has started: wake its loop per chunk
+        self._streaming = False  # an `async for` consumer has started: wake its loop for chunks
+        self._wake_pending = False  # a wakeup is scheduled on the consumer's loop and not yet seen
 
     # --- producer side (worker thread) ---
     def _notify(self, wake_loop: bool = True) -> None:
         with self._cond:
             self._cond.notify_all()
-        if wake_loop and self._loop and self._async_event:
+        if wake_loop and self._loop and self._async_event and not self._wake_pending:
+            self._wake_pending = True  # one wakeup until the consumer looks again, however many chunks
             try:
                 self._loop.call_soon_threadsafe(self._async_event.set)
             except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
@@ -215,10 +217,16 @@ class Generation:
         """The result, once done; woken only by the finish, not by every character."""
         assert self._async_event is not None, "submit from the event loop to consume asynchronously"
         while not self._done.is_set():
-            self._async_event.clear()
+            self._rearm()
             if not self._done.is_set():
                 await self._async_event.wait()
         return self._outcome()
+
+    def _rearm(self) -> None:
+        """Before looking for news and then waiting: the next chunk or the finish wakes us again."""
+        assert self._async_event is not None
+        self._wake_pending = False
+        self._async_event.clear()
 
     async def __aiter__(self) -> AsyncIterator[str]:
         assert self._async_event is not None, "submit from the event loop to consume asynchronously"
@@ -234,7 +242,7 @@ class Generation:
                 if self._chunks:
                     continue
                 return
-            self._async_event.clear()
+            self._rearm()
             if self._chunks or self._done.is_set():
                 continue
             await self._async_event.wait()

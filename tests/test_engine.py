@@ -207,7 +207,7 @@ def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeyp
 
     chunks, text, streamed_wakeups, awaited_wakeups, late_chunks = asyncio.run(consume())
     assert "".join(chunks) == text and len(chunks) > 10
-    assert streamed_wakeups >= len(chunks)
+    assert 1 < streamed_wakeups <= len(chunks) + 2  # at most one wakeup per look, plus the finish
     assert awaited_wakeups == 1  # the finish only: an awaiting handler is not woken per character
     assert late_chunks == [text]  # a reader that fell behind gets what is waiting in one piece
 

@@ -74,11 +74,26 @@ def test_stream_event_order_and_content(client: TestClient) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = parse_sse(r.read().decode())
     kinds = [k for k, _ in events]
-    assert kinds == ["text"] * (len(kinds) - 1) + ["done"] and len(kinds) > 10
+    assert kinds == ["text"] * (len(kinds) - 1) + ["done"] and len(kinds) >= 2
     streamed = "".join(d["text"] for k, d in events if k == "text")
     assert streamed == client.post("/generate", json=request).json()["generated"]
     done = events[-1][1]
     assert done["finish_reason"] == "length" and done["usage"]["generated_chars"] == 60 and "timings" in done
+
+
+def test_stream_sends_at_most_one_text_event_per_interval(tiny_checkpoint_path: Path) -> None:
+    request = {"seed": "The ", "length": 800, "random_seed": 11}
+
+    def text_events(interval_ms: int) -> tuple[list[str], str]:
+        with TestClient(create_app(settings_for(tiny_checkpoint_path, stream_interval_ms=interval_ms))) as c:
+            with c.stream("POST", "/generate/stream", json=request) as r:
+                events = parse_sse(r.read().decode())
+            return [d["text"] for k, d in events if k == "text"], c.post("/generate", json=request).json()["generated"]
+
+    each, generated = text_events(0)  # an event whenever the handler finds new text
+    assert len(each) > 2 and "".join(each) == generated
+    paced, generated = text_events(1000)  # what was there at once, then the rest a second later
+    assert 1 <= len(paced) <= 2 and "".join(paced) == generated
 
 
 def test_stream_refusals_are_json_errors(client: TestClient) -> None:
