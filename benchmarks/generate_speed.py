@@ -99,11 +99,10 @@ def main() -> None:
     print(f"charlm    1 request, PyTorch only (no native kernels): {torch_only:,.0f} chars/s  = "
           f"{torch_only / base:.1f}x baseline")
     with Engine(ckpt.model, ckpt.vocab, limits) as engine:
-        native = engine._decoder.kernels is not None
         gc.freeze()  # as the service does once it is ready: no 100 ms full collections mid-run
         single = single_chars_per_s(engine, args.repeats)
         print(f"charlm    1 request  x {LENGTH} chars: {single:,.0f} chars/s  = {single / base:.1f}x baseline "
-              f"(target >= 10x; native kernels {'on' if native else 'OFF'})")
+              f"(target >= 10x; native kernels {'on' if engine.native else 'OFF'})")
         runs = [concurrent(engine, 64) for _ in range(args.repeats)]
         agg = median([r[0] for r in runs])
         print(f"charlm    64 requests x {LENGTH} chars: {agg:,.0f} chars/s aggregate = {agg / base:.1f}x baseline "

@@ -84,7 +84,6 @@ class Decoder:
             self._packed = [native.pack(weight, bias) for weight, bias in weights]
             self._gates = torch.empty(rows, 4 * cfg.hidden)
             self._logits = torch.empty(rows, cfg.vocab_size)
-            self._threads = torch.get_num_threads()  # the worker thread would otherwise use every core
             self.row_invariant = True
         else:
             linears = [_Linear(weight, bias) for weight, bias in weights]
@@ -118,17 +117,18 @@ class Decoder:
         assert self.kernels is not None
         n, hs = b - a, self.hidden
         linear, cell, gates = self.kernels.linear_at, self.kernels.lstm_cell_at, self._gates.data_ptr()
+        threads = torch.get_num_threads()  # passed on: OpenMP alone would give this worker every core
         tokens = self.tokens.data_ptr() + a * self.tokens.element_size()
         x = 0
         for k, packed in enumerate(self._packed[:-1]):
             h, c = self._row_address(self.h, k, a), self._row_address(self.c, k, a)
             if k == 0:  # layer 0 adds the table row of each row's token
                 linear(n, h, hs, hs, None, 0, 0, packed.panels.data_ptr(), 4 * hs, self.table0.data_ptr(), tokens,
-                       gates, 4 * hs, self._threads)  # fmt: skip
+                       gates, 4 * hs, threads)  # fmt: skip
             else:
                 linear(n, x, hs, hs, h, hs, hs, packed.panels.data_ptr(), 4 * hs, packed.bias_address, None,
-                       gates, 4 * hs, self._threads)  # fmt: skip
-            cell(n, gates, 4 * hs, c, h, hs, hs, self._threads)
+                       gates, 4 * hs, threads)  # fmt: skip
+            cell(n, gates, 4 * hs, c, h, hs, hs, threads)
             x = h
 
     def _row_address(self, t: torch.Tensor, layer: int, row: int) -> int:
@@ -142,7 +142,7 @@ class Decoder:
         fc, hs = self._packed[-1], self.hidden
         self.kernels.linear_at(b - a, self._row_address(self.h, self.layers - 1, a), hs, hs, None, 0, 0,
                                fc.panels.data_ptr(), fc.outputs, fc.bias_address, None,
-                               self._logits[a:b].data_ptr(), fc.outputs, self._threads)  # fmt: skip
+                               self._logits[a:b].data_ptr(), fc.outputs, torch.get_num_threads())  # fmt: skip
         return self._logits[a:b]
 
     def step(self, n: int) -> torch.Tensor:

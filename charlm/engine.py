@@ -285,7 +285,6 @@ class Engine:
         self.device = model.fc.weight.device
         kernels = native.load() if use_native and self.device.type == "cpu" else None
         self._decoder = Decoder(model, self.limits.max_batch, kernels)
-        self._kernels = self._decoder.kernels
         self._sampled = torch.zeros(self.limits.max_batch, dtype=torch.long)  # the native sampler's output
         self._vocab_size = len(vocab)
         self._waiting: collections.deque[Generation] = collections.deque()
@@ -302,7 +301,7 @@ class Engine:
     @property
     def native(self) -> bool:
         """Whether decoding runs in the compiled kernels (else PyTorch alone, several times slower)."""
-        return self._kernels is not None
+        return self._decoder.kernels is not None
 
     @property
     def queue_depth(self) -> int:
@@ -502,21 +501,21 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """One id per row, each drawn with that row's settings and its own random stream."""
         params = [r.sampler.params for r in rows]
-        if self._kernels is not None:
-            return self._kernels.sample(
-                logits.float().contiguous(),
-                [p.scale_factor for p in params],
-                [p.top_k or self._vocab_size for p in params],
-                [p.top_p if p.top_p is not None else 2.0 for p in params],
-                [r.sampler.uniform() for r in rows],
-                self._sampled,
-            )
+        scale = [p.scale_factor for p in params]
+        top_k = [p.top_k or self._vocab_size for p in params]  # the vocabulary size: no filter
+        top_p = [p.top_p if p.top_p is not None else 2.0 for p in params]  # above 1: no filter
+        uniforms = [r.sampler.uniform() for r in rows]
+        kernels = self._decoder.kernels
+        if kernels is not None:
+            return kernels.sample(logits.float().contiguous(), scale, top_k, top_p, uniforms, self._sampled)
         dev = logits.device
-        scale = torch.tensor([p.scale_factor for p in params], device=dev)
-        top_k = torch.tensor([p.top_k or self._vocab_size for p in params], device=dev)
-        top_p = torch.tensor([p.top_p if p.top_p is not None else 2.0 for p in params], device=dev)
-        uniforms = torch.tensor([r.sampler.uniform() for r in rows], dtype=torch.float64)
-        return sample_rows(logits, scale, top_k, top_p, uniforms)
+        return sample_rows(
+            logits,
+            torch.tensor(scale, device=dev),
+            torch.tensor(top_k, device=dev),
+            torch.tensor(top_p, device=dev),
+            torch.tensor(uniforms, dtype=torch.float64),
+        )
 
     def _step(self) -> None:
         n = len(self._rows)

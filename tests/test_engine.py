@@ -125,7 +125,7 @@ def test_reproducible_among_63_concurrent_requests(tiny: Checkpoint, use_native:
         for i in range(64)
     ]
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=64), use_native=use_native) as engine:
-        assert (engine._kernels is not None) == use_native
+        assert engine.native == use_native
         gens = [engine.submit(r) for r in requests]
         together = [g.result(timeout=120).text for g in gens]
         assert engine.stats["batch_rows"] / engine.stats["steps"] > 30  # they really were batched
