@@ -1,25 +1,44 @@
+# syntax=docker/dockerfile:1
 # charlm service image. CPU PyTorch by default; for CUDA build with e.g.
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t charlm:cuda .
 # and run with --gpus all -e CHARLM_DEVICE=cuda.
+# Behind a proxy or with a private index (see README, "Docker"): --build-arg PIP_INDEX_URL=...
+# (also PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST, TORCH_INDEX) and --secret id=pip_ca,src=ca.pem for
+# a CA bundle pip must trust. They reach only the build stage's pip; the final image has none.
+# With buildah/podman, build with --format docker: the OCI format drops the HEALTHCHECK.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_TRUSTED_HOST=""
+# pip ignores an empty setting, so unset build args change nothing.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_INDEX_URL=${PIP_INDEX_URL} \
+    PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
+    PIP_TRUSTED_HOST=${PIP_TRUSTED_HOST}
 # A C compiler for the decode kernels (charlm/_native.c); the final image does not need it.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+RUN --mount=type=secret,id=pip_ca,required=false \
+    if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY charlm ./charlm
 COPY app ./app
-RUN pip install .
+RUN --mount=type=secret,id=pip_ca,required=false \
+    if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install .
 
 FROM ${PYTHON_IMAGE}
+# The decode kernels (charlm/_native*.so) link the system OpenMP runtime.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 charlm
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=10001:10001 models /srv/charlm/models
@@ -29,6 +48,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHARLM_HOST=0.0.0.0 \
     CHARLM_PORT=8000
 USER 10001:10001
+# Fail the build, not the service, when the native decode kernels would not load here.
+RUN python -c "from charlm import native; assert native.load() is not None, 'charlm._native did not load'"
 WORKDIR /srv/charlm
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
@@ -26,13 +27,29 @@ def require_api_key(
                        headers={"WWW-Authenticate": "Bearer"})
 
 
+async def check_api_key_first(request: Request) -> None:
+    """For errors raised before dependencies run (a malformed body): a route that needs the key
+    answers 401 to a caller without it, before saying anything about the body."""
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute) and any(d.call is require_api_key for d in route.dependant.dependencies):
+        require_api_key(request, await _bearer(request))
+
+
+def not_ready_reason(state: Any) -> str | None:
+    """Why the service cannot take work now, or None: the one readiness rule for /ready, /info and routes."""
+    if state.draining:
+        return "shutting down"
+    if not state.ready:
+        return "the model is still loading"
+    return None
+
+
 def ready_engine(request: Request) -> Engine:
     """The engine, or 503 while loading, warming up or draining for shutdown."""
-    state = request.app.state
-    if not state.ready or state.draining:
-        reason = "shutting down" if state.draining else "the model is still loading"
+    reason = not_ready_reason(request.app.state)
+    if reason:
         raise ApiError(503, f"not ready: {reason}", headers={"Retry-After": "1"})
-    engine: Engine = state.engine
+    engine: Engine = request.app.state.engine
     return engine
 
 

@@ -62,7 +62,13 @@ def install(app: FastAPI) -> None:
         return error_response(exc.status, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        from app.deps import check_api_key_first  # deps imports this module
+
+        try:
+            await check_api_key_first(request)
+        except ApiError as denied:
+            return error_response(denied.status, denied.message, headers=denied.headers)
         details = validation_details(list(exc.errors()))
         fields = ", ".join(sorted({d["field"] for d in details}))
         return error_response(422, f"invalid request: {fields}", details)

@@ -22,8 +22,8 @@ from app.routes import docs, generate, health, metrics
 from app.settings import Settings
 from charlm import __version__
 from charlm.checkpoint import Checkpoint, load_checkpoint
-from charlm.engine import Engine, EngineLimits, GenerationRequest
-from charlm.train import resolve_device
+from charlm.device import resolve_device
+from charlm.engine import Engine, GenerationRequest
 
 log = logging.getLogger("charlm")
 STATIC = Path(__file__).parent / "static"
@@ -43,9 +43,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ckpt: Checkpoint = app.state.checkpoint or await run_in_threadpool(
         load_checkpoint, settings.checkpoint, resolve_device(settings.device)
     )
-    limits = EngineLimits(max_length=settings.max_length, max_seed_chars=settings.max_seed_chars,
-                          max_batch=settings.max_batch, max_queue=settings.max_queue)
-    engine = Engine(ckpt.model, ckpt.vocab, limits)
+    engine = Engine(ckpt.model, ckpt.vocab, settings.limits())
     app.state.checkpoint, app.state.engine = ckpt, engine
     await run_in_threadpool(_warm_up, engine)
     # What is alive now (torch, FastAPI, the model) lives as long as the process. Frozen, the
@@ -150,7 +148,21 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, without the Bearer requirement when the server has no API key (the page
+    would otherwise ask for a token that nothing checks)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        if app.state.settings.api_key is None:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+    return app.openapi_schema  # type: ignore[return-value]
 
 
 def app_factory() -> Any:

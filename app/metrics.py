@@ -24,13 +24,13 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("charlm_queue_depth", "requests waiting to be admitted", value=engine.queue_depth)
         yield GaugeMetricFamily("charlm_active_rows", "requests being decoded now (the batch size)",
                                 value=engine.active)
-        yield CounterMetricFamily("charlm_decode_steps", "batched decode steps run", value=engine.stats["steps"])
+        yield CounterMetricFamily("charlm_decode_steps", "batched decode steps run", value=engine.stats.steps)
         yield CounterMetricFamily("charlm_cancellations", "generations cancelled (client gone or shutdown)",
-                                  value=engine.stats["cancelled"])
+                                  value=engine.stats.cancelled)
         yield CounterMetricFamily("charlm_timeouts", "generations ended by the request timeout",
-                                  value=engine.stats["timeouts"])
+                                  value=engine.stats.timeouts)
         yield CounterMetricFamily("charlm_decode_rows", "rows decoded, summed over steps (÷ steps = mean batch)",
-                                  value=engine.stats["batch_rows"])
+                                  value=engine.stats.batch_rows)
 
 
 class Metrics:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from charlm.sampling import MAX_RANDOM_SEED
+from charlm.engine import DEFAULT_LENGTH, EngineLimits
+from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, MAX_TOP_K
+
+_LIMITS = EngineLimits()  # the per-request rules that do not depend on the server's settings
 
 
 class GenerateRequest(BaseModel):
+    """Numbers are strict: `true` is not 1, and `5.0` is not a length."""
+
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -18,16 +23,26 @@ class GenerateRequest(BaseModel):
     )
 
     seed: str = Field(min_length=1, description="start text; every character must be in the model's vocabulary")
-    length: int = Field(500, ge=1, description="characters to generate (the server's limit is on /info)")
+    length: int = Field(DEFAULT_LENGTH, ge=1, strict=True,
+                        description="characters to generate (the server's limit is max_length on /info)")
     scale_factor: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="multiplies the logits: > 1 more predictable, < 1 more random"
+        1.0, gt=0, le=MAX_SCALE_FACTOR, allow_inf_nan=False, strict=True,
+        description="multiplies the logits: > 1 more predictable, < 1 more random (about 100 and above: "
+        "always the most likely character)",
     )
-    top_k: int | None = Field(None, ge=1, description="sample only among the k most likely characters")
-    top_p: float | None = Field(None, gt=0, le=1, description="sample from the smallest set reaching this probability")
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, strict=True,
+                              description="sample only among the k most likely characters (k >= the vocabulary "
+                              "size: no filter)")
+    top_p: float | None = Field(None, gt=0, le=1, strict=True,
+                                description="sample from the smallest set reaching this probability")
     random_seed: int | None = Field(
-        None, ge=0, le=MAX_RANDOM_SEED, description="same request + same random_seed = same text; drawn if absent"
+        None, ge=0, le=MAX_RANDOM_SEED, strict=True,
+        description="same request + same random_seed = same text; drawn and returned if absent",
     )
-    stop: list[str] = Field(default_factory=list, max_length=4, description="end early at the first of these strings")
+    stop: list[Annotated[str, Field(min_length=1, max_length=_LIMITS.max_stop_chars)]] = Field(
+        default_factory=list, max_length=_LIMITS.max_stop,
+        description="end early at the first of these strings (not included in the text)",
+    )
 
 
 class Usage(BaseModel):

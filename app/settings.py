@@ -1,13 +1,20 @@
-"""Every setting of the service, from CHARLM_* environment variables, with defaults that serve models/."""
+"""Every setting of the service, from CHARLM_* environment variables, with defaults that serve models/.
+
+Per-request limits take their defaults from the engine's EngineLimits (their one home); the
+connection settings are handed to uvicorn as they are.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from charlm.engine import EngineLimits
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "mysterious_island.safetensors"
+_LIMITS = EngineLimits()
 
 
 class Settings(BaseSettings):
@@ -15,10 +22,10 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors model to serve")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    max_length: int = Field(2000, ge=1, description="characters generated per request, at most")
-    max_seed_chars: int = Field(10_000, ge=1, description="characters of seed text per request, at most")
-    max_batch: int = Field(64, ge=1, le=1024, description="requests decoded together in one step")
-    max_queue: int = Field(256, ge=1, description="requests waiting before new ones get 429")
+    max_length: int = Field(_LIMITS.max_length, ge=1, description="characters generated per request, at most")
+    max_seed_chars: int = Field(_LIMITS.max_seed_chars, ge=1, description="characters of seed text per request")
+    max_batch: int = Field(_LIMITS.max_batch, ge=1, le=1024, description="requests decoded together in one step")
+    max_queue: int = Field(_LIMITS.max_queue, ge=1, description="requests waiting before new ones get 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds a request may take before it ends")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     stream_interval_ms: int = Field(50, ge=0, le=1000, description="a stream sends at most one text event per this")
@@ -26,5 +33,23 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: PyTorch's choice)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    drain_seconds: float = Field(1.0, ge=0, description="after SIGTERM, /ready is 503 this long before closing")
-    grace_seconds: float = Field(30.0, ge=0, description="after SIGTERM, in-flight requests get this long")
+    drain_seconds: float = Field(1.0, ge=0, le=3600, description="after SIGTERM, /ready is 503 this long first")
+    grace_seconds: float = Field(30.0, ge=0, le=3600, description="then in-flight requests get this long to finish")
+    # Connections (uvicorn's own limits; a production deployment also sits behind a proxy or ingress).
+    limit_concurrency: int = Field(1000, ge=1, description="open connections + requests before new ones get 503")
+    backlog: int = Field(2048, ge=1, description="connections the OS queues before accepting them")
+    timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    header_timeout: float = Field(10.0, gt=0, le=3600,
+                                  description="seconds a connection may take to send a request's head")
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_empty_key(cls, key: SecretStr | None) -> SecretStr | None:
+        """An empty key would switch authentication off without anyone deciding so: refuse it."""
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("CHARLM_API_KEY is set but empty: set a key, or unset it to serve without one")
+        return key
+
+    def limits(self) -> EngineLimits:
+        return EngineLimits(max_length=self.max_length, max_seed_chars=self.max_seed_chars,
+                            max_batch=self.max_batch, max_queue=self.max_queue)

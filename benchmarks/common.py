@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT.parent / "shared" / "data" / "mysterious_island.txt"
+CORPUS = ROOT / "data" / "mysterious_island.txt"
 MODEL = ROOT / "models" / "mysterious_island.safetensors"
 
 
@@ -18,7 +18,7 @@ def median(values: list[float]) -> float:
 
 
 def corpus_text() -> str:
-    """The default corpus when present; otherwise any long English-like text will do for speed."""
+    """The default corpus (shipped in data/); without it any long English-like text will do for speed."""
     from charlm.text import load_corpus
 
     if CORPUS.exists():

@@ -18,6 +18,7 @@ from benchmarks.common import MODEL, matmul_gflops, median
 from benchmarks.seed_recipe import NotebookRNN, sample
 from charlm.checkpoint import load_checkpoint
 from charlm.engine import Engine, EngineLimits, GenerationRequest
+from charlm.sampling import SamplingParams
 
 SEED, LENGTH, SCALE = "The island", 500, 2.0
 
@@ -40,7 +41,7 @@ def single_chars_per_s(engine: Engine, repeats: int) -> float:
     runs = []
     for i in range(repeats):
         start = time.perf_counter()
-        engine.generate(GenerationRequest(SEED, length=LENGTH, scale_factor=SCALE, random_seed=i))
+        engine.generate(GenerationRequest(SEED, length=LENGTH, sampling=SamplingParams(SCALE), random_seed=i))
         runs.append(LENGTH / (time.perf_counter() - start))
     return median(runs)
 
@@ -53,12 +54,12 @@ def concurrent(engine: Engine, n: int, distinct: bool = False) -> tuple[float, f
     all seeded with SEED, or each with its own 10-character seed (no shared prefill)."""
     seeds = [DISTINCT[i : i + 10] if distinct else SEED for i in range(n)]
     start = time.perf_counter()
-    gens = [engine.submit(GenerationRequest(seeds[i], length=LENGTH, scale_factor=SCALE, random_seed=i))
+    gens = [engine.submit(GenerationRequest(seeds[i], length=LENGTH, sampling=SamplingParams(SCALE), random_seed=i))
             for i in range(n)]
     results = [g.result() for g in gens]
     wall = time.perf_counter() - start
     ttfc = [(g.first_char_at or 0) - g.submitted for g in gens]
-    chars = sum(r.usage["generated_chars"] for r in results)
+    chars = sum(r.usage.generated_chars for r in results)
     return chars / wall, median(ttfc) * 1e3, max(ttfc) * 1e3
 
 
@@ -115,7 +116,7 @@ def main() -> None:
               f"time to first char median {median([r[1] for r in runs]):.1f} ms, worst {worst:.1f} ms "
               f"(worst of each run {' / '.join(f'{r[2]:.0f}' for r in runs)} ms)")
         long_seed = ("The engineer looked at the sea. " * 400)[:10_000]
-        prefill = median([engine.generate(GenerationRequest(long_seed, length=1)).timings["prefill_ms"]
+        prefill = median([engine.generate(GenerationRequest(long_seed, length=1)).timings.prefill_ms
                           for _ in range(args.repeats)])
         print(f"charlm    10,000-char seed: prefill {prefill:.1f} ms ({10_000 / prefill * 1e3:,.0f} chars/s)")
     rate = matmul_gflops()

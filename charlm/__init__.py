@@ -22,11 +22,15 @@ __all__ = ["__version__", "load", "evaluate_text", "generate"]
 
 
 def load(path: str, device: str = "auto") -> Checkpoint:
-    """Load a checkpoint onto a device ('auto' = CUDA when present)."""
-    from charlm.checkpoint import load_checkpoint
-    from charlm.train import resolve_device
+    """Load a checkpoint onto a device ('auto' = CUDA when present). Any file that is not a usable
+    checkpoint, however it is broken, raises CheckpointError naming the file."""
+    from charlm.checkpoint import CheckpointError, load_checkpoint
+    from charlm.device import resolve_device
+    from charlm.exit_codes import input_errors
 
-    return load_checkpoint(path, resolve_device(device))
+    target = resolve_device(device)  # outside the guard: a bad device name is not a bad file
+    with input_errors(CheckpointError, path, "charlm checkpoint"):
+        return load_checkpoint(path, target)
 
 
 def evaluate_text(ckpt: Checkpoint, text: str) -> dict[str, float]:
@@ -37,10 +41,16 @@ def evaluate_text(ckpt: Checkpoint, text: str) -> dict[str, float]:
 
 
 def generate(ckpt: Checkpoint, seed: str, **options: Any) -> GenerationResult:
-    """Continue `seed`; options are GenerationRequest's (length, scale_factor, top_k, top_p, random_seed, stop)."""
-    from charlm.engine import Engine, EngineLimits, GenerationRequest
+    """Continue `seed`; options are GenerationRequest's (length, random_seed, stop) and SamplingParams'
+    (scale_factor, top_k, top_p), given flat as before the request grouped its sampling settings."""
+    from dataclasses import fields
 
-    request = GenerationRequest(seed=seed, **options)
+    from charlm.engine import Engine, EngineLimits, GenerationRequest
+    from charlm.sampling import SamplingParams
+
+    sampling = {f.name for f in fields(SamplingParams)}
+    params = SamplingParams(**{k: options.pop(k) for k in list(options) if k in sampling})
+    request = GenerationRequest(seed=seed, sampling=params, **options)
     limits = EngineLimits(max_batch=1, max_length=max(request.length, 1), max_seed_chars=max(len(seed), 1))
     with Engine(ckpt.model, ckpt.vocab, limits) as engine:
         return engine.generate(request)

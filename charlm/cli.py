@@ -1,6 +1,7 @@
 """`charlm train | eval | generate | serve`: the command line over the library.
 
-Usage errors exit 2, failures exit 1, and both print one clear line instead of a traceback.
+Usage errors exit 2, failures exit 1, and both print one line, `charlm <command>: error: ...`,
+instead of a traceback (charlm/exit_codes.py says which error is which).
 """
 
 from __future__ import annotations
@@ -8,12 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from charlm.train import Option, TrainConfig
 
 __all__ = ["main"]
+
+SERVE_OPTIONS = ("checkpoint", "host", "port", "device")  # forwarded to `python -m app` when given
 
 
 def _positive_int(value: str) -> int:
@@ -43,13 +51,6 @@ def _positive_float(value: str) -> float:
     return x
 
 
-def _fraction(value: str) -> float:
-    x = _positive_float(value)
-    if x >= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return x
-
-
 def _fraction_or_one(value: str) -> float:
     x = _positive_float(value)
     if x > 1:
@@ -57,64 +58,90 @@ def _fraction_or_one(value: str) -> float:
     return x
 
 
-def _dropout(value: str) -> float:
-    x = _float(value)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return x
+def _checked(kind: type, option: Option) -> Callable[[str], Any]:
+    """An argparse `type` that parses a number and applies the TrainConfig field's own range check."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        problem = option.problem(value, kind)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
-def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a model on a text file or URL")
-    p.add_argument("--corpus", required=True, help="UTF-8 text file, or an http(s):// URL (downloaded once)")
-    p.add_argument("--out", required=True, help="checkpoint path (.safetensors); the best model is kept here")
-    p.add_argument("--layers", type=_positive_int, default=2)
-    p.add_argument("--hidden", type=_positive_int, default=512)
-    p.add_argument("--embed", type=_positive_int, default=128)
-    p.add_argument("--dropout", type=_dropout, default=0.25)
-    p.add_argument("--seq-len", type=_positive_int, default=128)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=_positive_float, default=3e-3)
-    p.add_argument("--weight-decay", type=_dropout, default=0.05, help="AdamW weight decay, in [0, 1)")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--steps", type=_positive_int, help="optimizer steps to run")
-    p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after this long")
-    p.add_argument("--eval-interval", type=_positive_int, default=100, help="steps between evaluations")
-    p.add_argument("--val-fraction", type=_fraction, default=0.1)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--resume", action="store_true", help="continue from the saved training state")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start from this checkpoint's weights (same corpus vocabulary and sizes; new schedule)")
-    p.add_argument("--no-strip", action="store_true", help="keep the Gutenberg header and footer")
+def _flag(name: str, option: Option) -> str:
+    return option.flag or "--" + name.replace("_", "-")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with the field's default, type and range: the dataclass is the one
+    home of training defaults, so the CLI cannot drift from what Python callers get."""
+    from charlm.train import TrainConfig, field_types, option_of
+
+    types = field_types()
+    for f in fields(TrainConfig):
+        option = option_of(f)
+        if option is None or not option.cli:
+            continue
+        kind, doc = types[f.name], option.doc.replace("%", "%%")
+        flag, required = _flag(f.name, option), f.default is MISSING
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", help=doc)
+            continue
+        if kind in (int, float) and (option.low is not None or option.high is not None):
+            doc += f"; {option.describe()}"
+        if not required and f.default is not None:
+            doc += " (default: %(default)s)"
+        p.add_argument(flag, dest=f.name, type=_checked(kind, option) if kind in (int, float) else kind,
+                       default=None if required else f.default, required=required, metavar=option.metavar,
+                       help=doc)
     p.add_argument("--cache-dir", help="where downloaded corpora are kept (default ~/.cache/charlm)")
+
+
+def _train_config(args: argparse.Namespace, corpus: str) -> TrainConfig:
+    """TrainConfig from the parsed flags; its own refusals (e.g. --out naming the corpus) become usage errors
+    that name the flag."""
+    from charlm.train import TrainConfig, TrainConfigError, option_of
+
+    options = {f.name: option_of(f) for f in fields(TrainConfig)}
+    values = {name: getattr(args, name) for name, option in options.items() if option and option.cli}
+    try:
+        return TrainConfig(**{**values, "corpus": corpus, "corpus_name": args.corpus})
+    except TrainConfigError as exc:
+        option = options.get(exc.field)
+        flag = _flag(exc.field, option) if option else exc.field
+        raise argparse.ArgumentTypeError(f"argument {flag}: {exc}") from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from charlm.corpus_source import fetch_corpus
-    from charlm.train import TrainConfig, train
+    from charlm.train import train
 
     if args.steps is None and args.time_budget is None:
         raise argparse.ArgumentTypeError("give --steps or --time-budget")
     if args.resume and args.init_from:
         raise argparse.ArgumentTypeError("give --resume or --init-from, not both")
     path = fetch_corpus(args.corpus, args.cache_dir)
-    cfg = TrainConfig(
-        corpus=str(path), out=args.out, embed=args.embed, hidden=args.hidden, layers=args.layers,
-        dropout=args.dropout, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, steps=args.steps,
-        time_budget=args.time_budget, eval_interval=args.eval_interval, val_fraction=args.val_fraction,
-        device=args.device, seed=args.seed, strip=not args.no_strip, resume=args.resume,
-        init_from=args.init_from, corpus_name=args.corpus,
-    )
+    cfg = _train_config(args, str(path))
     by_time = args.steps is None
-    bar = tqdm(total=int(args.time_budget) if by_time else args.steps, unit="s" if by_time else "step",
-               dynamic_ncols=True, file=sys.stderr)
+    bar: Any = None
     shown: dict[str, Any] = {}
 
     def progress(row: dict[str, Any]) -> None:
+        """The bar appears with the first row, so that loading messages and errors never share its line."""
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=int(args.time_budget) if by_time else args.steps, unit="s" if by_time else "step",
+                       dynamic_ncols=True, file=sys.stderr)
         if "train_bpc" in row:
             shown.update(loss=f"{row['train_bpc']:.3f}", chars_s=f"{row['chars_per_s']:.0f}")
         if "val_bpc" in row:
@@ -122,16 +149,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         bar.n = min(int(row["seconds"]) if by_time else row["step"], bar.total)
         bar.set_postfix(shown, refresh=True)
 
-    result = train(cfg, progress)
-    bar.close()
+    try:
+        result = train(cfg, progress)
+    finally:
+        if bar is not None:
+            bar.close()  # ends the bar's line: an error printed next starts on its own line
     note = "interrupted; saved" if result.interrupted else "done"
     print(f"{note}: step {result.step}, {result.seconds:.0f} s, best held-out {result.best_val_bpc:.4f} bpc "
           f"-> {args.out}", file=sys.stderr)
     return 130 if result.interrupted else 0
 
 
-def _add_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="held-out bits per character of a checkpoint on a corpus")
+def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--corpus", required=True, help="UTF-8 text file or http(s):// URL")
     p.add_argument("--split", choices=["val", "all"], default="val",
@@ -143,11 +172,14 @@ def _add_eval(sub: Any) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from charlm import evaluate_text, load
     from charlm.corpus_source import fetch_corpus
-    from charlm.text import load_corpus, split_text
+    from charlm.exit_codes import input_errors
+    from charlm.text import CorpusError, load_corpus, split_text
 
     ckpt = load(args.checkpoint, args.device)
     strip = ckpt.train.get("strip_gutenberg", True)
-    text = load_corpus(fetch_corpus(args.corpus, args.cache_dir), strip=strip)
+    path = fetch_corpus(args.corpus, args.cache_dir)
+    with input_errors(CorpusError, path, "UTF-8 text corpus"):
+        text = load_corpus(path, strip=strip)
     if args.split == "val":
         text = split_text(text, ckpt.train.get("val_fraction", 0.1))[1]
     result = evaluate_text(ckpt, text)
@@ -156,11 +188,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub: Any) -> None:
-    p = sub.add_parser("generate", help="continue a seed text")
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    from charlm.engine import DEFAULT_LENGTH
+
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--seed", required=True, help="start text; every character must be in the vocabulary")
-    p.add_argument("--length", type=_positive_int, default=500)
+    p.add_argument("--length", type=_positive_int, default=DEFAULT_LENGTH,
+                   help="characters to generate (default: %(default)s)")
     p.add_argument("--scale-factor", type=_positive_float, default=1.0, help="logit multiplier (1/temperature)")
     p.add_argument("--top-k", type=_positive_int)
     p.add_argument("--top-p", type=_fraction_or_one)
@@ -177,49 +211,53 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                       top_p=args.top_p, random_seed=args.random_seed, stop=tuple(args.stop))
     print(result.text)
     print(f"[{result.finish_reason}; random_seed {result.random_seed}; "
-          f"{result.timings['chars_per_s']:.0f} chars/s]", file=sys.stderr)
+          f"{result.timings.chars_per_s:.0f} chars/s]", file=sys.stderr)
     return 0
 
 
-def _add_serve(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (settings also from CHARLM_* variables)")
+def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="default: $CHARLM_CHECKPOINT or the shipped model")
     p.add_argument("--host", help="default: $CHARLM_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $CHARLM_PORT or 8000")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: $CHARLM_DEVICE or auto)")
 
 
+def _serve_argv(args: argparse.Namespace) -> list[str]:
+    """`python -m app` with the options that were given (the others keep the service's own defaults)."""
+    forwarded = [part for name in SERVE_OPTIONS if getattr(args, name) is not None
+                 for part in (f"--{name}", str(getattr(args, name)))]
+    return [sys.executable, "-m", "app", *forwarded]
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    """Load the checkpoint first, so a bad one fails in one line instead of a server traceback."""
-    import logging
-
-    from charlm.checkpoint import load_checkpoint
-    from charlm.train import resolve_device
-
-    try:
-        from app.server import serve
-        from app.settings import Settings
-    except ImportError as exc:
-        raise OSError(f"the HTTP service is not installed ({exc}); install charlm with its dependencies") from None
-    overrides = {k: v for k, v in vars(args).items() if k in ("checkpoint", "host", "port", "device") and v is not None}
-    settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    checkpoint = load_checkpoint(settings.checkpoint, resolve_device(settings.device))
-    serve(settings, checkpoint)
-    return 0
+    """Replace this process with the service's own entry point: the library never imports app/ (the
+    service checks and loads the checkpoint, and reports a bad one in one line)."""
+    argv = _serve_argv(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+    return 0  # not reached: execv returns only by raising OSError
 
 
-def _parser() -> argparse.ArgumentParser:
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("train a model on a text file or URL", _add_train, _cmd_train),
+    "eval": ("held-out bits per character of a checkpoint on a corpus", _add_eval, _cmd_eval),
+    "generate": ("continue a seed text", _add_generate, _cmd_generate),
+    "serve": ("serve a checkpoint over HTTP (settings also from CHARLM_* variables)", _add_serve, _cmd_serve),
+}
+
+
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser, with options only for the command being run: train's and generate's defaults come from the
+    library, whose import (PyTorch, ~1.5 s) `charlm serve` and `charlm --help` need not pay for."""
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="charlm", description="Character-level LSTM language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_generate(sub)
-    _add_serve(sub)
+    for name, (doc, add, _) in _COMMANDS.items():
+        p = sub.add_parser(name, help=doc, description=doc)
+        if name == chosen:
+            add(p)
     return parser
-
-
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "serve": _cmd_serve}
 
 
 def _sigterm(_signum: int, _frame: Any) -> None:
@@ -227,25 +265,22 @@ def _sigterm(_signum: int, _frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(argv).parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    from charlm.errors import USAGE_ERRORS
-
     try:
-        return _COMMANDS[args.command](args)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
-    except USAGE_ERRORS as exc:
-        print(f"charlm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"charlm {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _COMMANDS[args.command][2](args)
     except KeyboardInterrupt:
         print(f"charlm {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as exc:
+        from charlm.exit_codes import exit_code, one_line
+
+        code = exit_code(exc)
+        if code is None:
+            raise  # a bug, not a bad input: keep the traceback
+        print(f"charlm {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from charlm.checkpoint import atomic_write
+from charlm.files import atomic_write
 from charlm.text import CorpusError
 
 __all__ = ["fetch_corpus", "default_cache_dir"]

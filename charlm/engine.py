@@ -13,7 +13,7 @@ import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -21,7 +21,14 @@ import torch
 from charlm import native
 from charlm.decoder import Decoder
 from charlm.model import CharLSTM
-from charlm.sampling import MAX_RANDOM_SEED, RowSampler, SamplingParams, new_random_seed, sample_rows
+from charlm.sampling import (
+    MAX_RANDOM_SEED,
+    InvalidParameter,
+    RowSampler,
+    SamplingParams,
+    new_random_seed,
+    sample_rows,
+)
 from charlm.vocab import UnknownCharactersError, Vocab
 
 __all__ = [
@@ -30,6 +37,10 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "Generation",
+    "Usage",
+    "Timings",
+    "EngineStats",
+    "DEFAULT_LENGTH",
     "RequestError",
     "QueueFullError",
     "EngineClosedError",
@@ -38,6 +49,8 @@ __all__ = [
 
 FinishReason = Literal["length", "stop", "cancelled", "timeout"]
 
+DEFAULT_LENGTH = 200  # characters generated when a request does not say; the CLI and the API use it too
+
 # Seeds up to this many characters are prefilled together, through the decoder's batched steps.
 SHORT_SEED = 64
 
@@ -45,12 +58,12 @@ SHORT_SEED = 64
 PREFILL_CHUNK = 512
 
 
-class RequestError(ValueError):
-    """A request is invalid; `field` names the offending field."""
+class RequestError(InvalidParameter):
+    """A request is invalid; `field` names the offending field, `chars` any unknown characters."""
 
     def __init__(self, field: str, message: str, chars: list[str] | None = None):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message, self.chars = field, message, chars or []
+        super().__init__(field, message)
+        self.chars = chars or []
 
 
 class QueueFullError(RuntimeError):
@@ -77,14 +90,26 @@ class EngineLimits:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    seed: str
-    length: int = 200
-    scale_factor: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    seed: str  # the start text (the seed notebook's word); random seeds are called random_seed
+    length: int = DEFAULT_LENGTH
+    sampling: SamplingParams = SamplingParams()  # built (and so validated) once, where the request enters
     random_seed: int | None = None
     stop: tuple[str, ...] = ()
     timeout: float | None = None  # seconds from submission; the request then ends with "timeout"
+
+
+@dataclass(frozen=True)
+class Usage:
+    seed_chars: int
+    generated_chars: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float  # submitted → admitted to a row
+    prefill_ms: float  # the seed through the LSTM, and the first character sampled
+    generate_ms: float  # the first character → the last
+    chars_per_s: float
 
 
 @dataclass
@@ -93,8 +118,23 @@ class GenerationResult:
     generated: str
     finish_reason: FinishReason
     random_seed: int
-    usage: dict[str, int]
-    timings: dict[str, float]
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class EngineStats:
+    """Counters since start; the worker writes them, readers (metrics, tests) only read."""
+
+    steps: int = 0  # batched decode steps
+    batch_rows: int = 0  # rows decoded, summed over steps (÷ steps = mean batch)
+    completed: int = 0  # ended by length or a stop string
+    cancelled: int = 0  # client gone (while decoding or still queued) or shut down
+    failed: int = 0
+    timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> None:
@@ -106,15 +146,14 @@ def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> 
     unknown = vocab.unknown(request.seed)
     if unknown:
         raise RequestError("seed", str(UnknownCharactersError(unknown)), chars=unknown)
-    if not 1 <= request.length <= limits.max_length:
-        raise RequestError("length", f"must be between 1 and {limits.max_length}, got {request.length}")
-    try:
-        SamplingParams(request.scale_factor, request.top_k, request.top_p)
-    except ValueError as exc:
-        field_name = str(exc).split(" ", 1)[0]
-        raise RequestError(field_name, str(exc).split(" ", 1)[1]) from None
-    if request.random_seed is not None and not 0 <= request.random_seed <= MAX_RANDOM_SEED:
-        raise RequestError("random_seed", f"must be between 0 and {MAX_RANDOM_SEED}")
+    if not _is_int(request.length) or not 1 <= request.length <= limits.max_length:
+        raise RequestError("length", f"must be a whole number between 1 and {limits.max_length}, got {request.length}")
+    if not isinstance(request.sampling, SamplingParams):
+        raise RequestError("sampling", "must be a SamplingParams")
+    if request.random_seed is not None and not (
+        _is_int(request.random_seed) and 0 <= request.random_seed <= MAX_RANDOM_SEED
+    ):
+        raise RequestError("random_seed", f"must be a whole number between 0 and {MAX_RANDOM_SEED}")
     if len(request.stop) > limits.max_stop:
         raise RequestError("stop", f"at most {limits.max_stop} strings, got {len(request.stop)}")
     for s in request.stop:
@@ -124,6 +163,10 @@ def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> 
         raise RequestError("timeout", f"must be > 0 seconds, got {request.timeout}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Generation:
     """A handle on one submitted request: iterate characters, wait for the result, or cancel.
 
@@ -131,7 +174,13 @@ class Generation:
     gen.wait()`); the worker thread pushes events, consumers never block the worker.
     """
 
-    def __init__(self, request: GenerationRequest, random_seed: int, loop: asyncio.AbstractEventLoop | None):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        random_seed: int,
+        loop: asyncio.AbstractEventLoop | None,
+        withdraw: Callable[[Generation], None] | None = None,
+    ):
         self.request = request
         self.random_seed = random_seed
         self.submitted = time.perf_counter()
@@ -147,6 +196,7 @@ class Generation:
         self._async_event = asyncio.Event() if loop else None
         self._streaming = False  # an `async for` consumer has started: wake its loop for chunks
         self._wake_pending = False  # a wakeup is scheduled on the consumer's loop and not yet seen
+        self._withdraw = withdraw  # takes a cancelled request out of the waiting queue at once
 
     # --- producer side (worker thread) ---
     def _notify(self, wake_loop: bool = True) -> None:
@@ -174,8 +224,13 @@ class Generation:
 
     # --- consumer side ---
     def cancel(self) -> None:
-        """Ask the worker to drop this request; it frees its row at the next step."""
+        """Drop this request: a queued one leaves the queue now (its place is free for the next
+        request); a running one frees its row at the worker's next step."""
+        if self._cancelled or self._done.is_set():
+            return
         self._cancelled = True
+        if self._withdraw is not None:
+            self._withdraw(self)
 
     @property
     def cancelled(self) -> bool:
@@ -293,7 +348,8 @@ class Engine:
         self._lock = threading.Condition()
         self._accepting = True
         self._stop = False
-        self.stats = {"steps": 0, "batch_rows": 0, "completed": 0, "cancelled": 0, "failed": 0, "timeouts": 0}
+        self.stats = EngineStats()
+        self._stats_lock = threading.Lock()  # finish counters are also written by withdrawing consumers
         self._thread = threading.Thread(target=self._run, name="charlm-engine", daemon=True)
         self._thread.start()
 
@@ -319,7 +375,7 @@ class Engine:
         except RuntimeError:
             loop = None
         seed = request.random_seed if request.random_seed is not None else new_random_seed()
-        gen = Generation(request, seed, loop)
+        gen = Generation(request, seed, loop, self._withdraw)
         with self._lock:
             if not self._accepting:
                 raise EngineClosedError("the engine is shutting down and accepts no new requests")
@@ -333,8 +389,19 @@ class Engine:
         """Submit and wait: the synchronous convenience for scripts and the CLI."""
         return self.submit(request).result(timeout)
 
+    def _withdraw(self, gen: Generation) -> None:
+        """Take a cancelled request out of the waiting queue and finish it; if the worker has it
+        already, the worker sees the cancellation at its next look."""
+        with self._lock:
+            try:
+                self._waiting.remove(gen)
+            except ValueError:
+                return
+        self._finish_unstarted(gen, time.perf_counter(), "cancelled")
+
     def close(self, grace: float = 10.0) -> None:
-        """Stop admitting; let in-flight work finish for up to `grace` seconds, cancel the rest, stop."""
+        """Stop admitting; let in-flight work finish for up to `grace` seconds, then end what is
+        left with EngineClosedError and stop. Safe to call again (later calls return once stopped)."""
         with self._lock:
             self._accepting = False
             self._lock.notify()
@@ -367,13 +434,15 @@ class Engine:
                 self._admit()
                 if self._rows:
                     self._step()
-        for row in self._rows:
-            self._finish(row, "cancelled")
-        for job in self._prefilling:
-            self._finish_unstarted(job.gen, job.admitted, "cancelled")
-        while self._waiting:
-            self._waiting.popleft()._finish(None, EngineClosedError("the engine stopped before this request ran"))
+        unfinished = [row.gen for row in self._rows] + [job.gen for job in self._prefilling]
+        with self._lock:
+            unfinished += self._waiting
+            self._waiting.clear()
+        for gen in unfinished:
+            self._count("cancelled")
+            gen._finish(None, EngineClosedError("the engine shut down before this request finished"))
         self._rows.clear()
+        self._prefilling.clear()
 
     def _admit(self) -> None:
         """Move waiting requests into prefill while rows are free, then prefill.
@@ -470,7 +539,7 @@ class Engine:
         rows = []
         for job in jobs:
             req = job.gen.request
-            sampler = RowSampler(SamplingParams(req.scale_factor, req.top_k, req.top_p), job.gen.random_seed)
+            sampler = RowSampler(req.sampling, job.gen.random_seed)
             rows.append(_Row(job.gen, sampler, 0, admitted=job.admitted))
         sampling = time.perf_counter()
         tokens = self._sample(rows, logits).tolist()
@@ -491,8 +560,12 @@ class Engine:
 
     def _fail(self, gens: list[Generation], message: str) -> None:
         for gen in gens:
-            self.stats["failed"] += 1
+            self._count("failed")
             gen._finish(None, GenerationFailed(message))
+
+    def _count(self, outcome: str) -> None:
+        with self._stats_lock:
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
 
     def _finish_unstarted(self, gen: Generation, admitted: float, reason: FinishReason) -> None:
         """End a request that never reached a decode row (cancelled, timed out, or shut down)."""
@@ -502,8 +575,8 @@ class Engine:
         """One id per row, each drawn with that row's settings and its own random stream."""
         params = [r.sampler.params for r in rows]
         scale = [p.scale_factor for p in params]
-        top_k = [p.top_k or self._vocab_size for p in params]  # the vocabulary size: no filter
-        top_p = [p.top_p if p.top_p is not None else 2.0 for p in params]  # above 1: no filter
+        top_k = [p.top_k_for(self._vocab_size) for p in params]
+        top_p = [p.top_p_or_off for p in params]
         uniforms = [r.sampler.uniform() for r in rows]
         kernels = self._decoder.kernels
         if kernels is not None:
@@ -519,8 +592,8 @@ class Engine:
 
     def _step(self) -> None:
         n = len(self._rows)
-        self.stats["steps"] += 1
-        self.stats["batch_rows"] += n
+        self.stats.steps += 1
+        self.stats.batch_rows += n
         try:
             logits = self._decoder.step(n)
             ids = self._sample(self._rows, logits)
@@ -577,21 +650,20 @@ class Engine:
         now = time.perf_counter()
         generated = "".join(row.generated)
         decode_s = now - row.decode_start if row.decode_start else 0.0
-        key = {"cancelled": "cancelled", "timeout": "timeouts"}.get(reason, "completed")
-        self.stats[key] += 1
+        self._count({"cancelled": "cancelled", "timeout": "timeouts"}.get(reason, "completed"))
         gen._finish(
             GenerationResult(
                 text=gen.request.seed + generated,
                 generated=generated,
                 finish_reason=reason,
                 random_seed=gen.random_seed,
-                usage={"seed_chars": len(gen.request.seed), "generated_chars": len(generated)},
-                timings={
-                    "queue_ms": round((row.admitted - gen.submitted) * 1e3, 3),
-                    "prefill_ms": round(row.prefill_s * 1e3, 3),
-                    "generate_ms": round(decode_s * 1e3, 3),
-                    "chars_per_s": round(len(generated) / decode_s, 1) if decode_s > 0 else 0.0,
-                },
+                usage=Usage(seed_chars=len(gen.request.seed), generated_chars=len(generated)),
+                timings=Timings(
+                    queue_ms=round((row.admitted - gen.submitted) * 1e3, 3),
+                    prefill_ms=round(row.prefill_s * 1e3, 3),
+                    generate_ms=round(decode_s * 1e3, 3),
+                    chars_per_s=round(len(generated) / decode_s, 1) if decode_s > 0 else 0.0,
+                ),
             )
         )
         return True

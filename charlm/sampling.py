@@ -12,9 +12,39 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "RowSampler", "sample_rows", "new_random_seed", "MAX_RANDOM_SEED"]
+__all__ = [
+    "SamplingParams",
+    "InvalidParameter",
+    "RowSampler",
+    "sample_rows",
+    "new_random_seed",
+    "MAX_RANDOM_SEED",
+    "MAX_SCALE_FACTOR",
+    "MAX_TOP_K",
+    "TOP_P_OFF",
+]
 
 MAX_RANDOM_SEED = 2**53 - 1  # drawn seeds stay exact in JSON clients that read numbers as doubles
+
+# Logits (tens at most) times this stay far inside float32, where the samplers scale them; beyond
+# about 100 the draw is already the most likely character, so a larger factor buys nothing.
+MAX_SCALE_FACTOR = 1e4
+
+# No vocabulary can hold more characters than Unicode has code points; a larger top_k filters
+# nothing, so bounding it keeps every top_k inside the 32-bit ints the native sampler takes.
+MAX_TOP_K = 0x110000
+
+# The "filter off" values the samplers (sample_rows and _native.c's charlm_sample) understand:
+# top_k >= vocabulary size keeps every character, top_p above 1 keeps the whole distribution.
+TOP_P_OFF = 2.0
+
+
+class InvalidParameter(ValueError):
+    """A sampling setting outside its range; `field` names it, `message` says what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field, self.message = field, message
 
 
 def new_random_seed() -> int:
@@ -29,12 +59,26 @@ class SamplingParams:
     top_p: float | None = None  # keep the smallest most-likely set whose probability reaches p
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
-            raise ValueError(f"scale_factor must be a finite number > 0, got {self.scale_factor}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        scale = self.scale_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise InvalidParameter("scale_factor", f"must be a number, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and 0 < scale <= MAX_SCALE_FACTOR):
+            raise InvalidParameter("scale_factor", f"must be a finite number > 0 and <= {MAX_SCALE_FACTOR:g}, "
+                                   f"got {scale}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise InvalidParameter("top_k", f"must be a whole number, got {type(self.top_k).__name__}")
+        if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
+            raise InvalidParameter("top_k", f"must be between 1 and {MAX_TOP_K}, got {self.top_k}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise InvalidParameter("top_p", f"must be in (0, 1], got {self.top_p}")
+
+    def top_k_for(self, vocab_size: int) -> int:
+        """top_k as the samplers take it: at most the vocabulary size, which means no filter."""
+        return vocab_size if self.top_k is None else min(self.top_k, vocab_size)
+
+    @property
+    def top_p_or_off(self) -> float:
+        return TOP_P_OFF if self.top_p is None else self.top_p
 
 
 class RowSampler:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 import time
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,64 +27,194 @@ from safetensors.torch import save
 from torch.nn import functional as F
 
 from charlm import __version__
-from charlm.checkpoint import atomic_write, load_checkpoint, read_safetensors, save_checkpoint
+from charlm.checkpoint import CheckpointError, load_checkpoint, read_safetensors, save_checkpoint
+from charlm.device import resolve_device
+from charlm.exit_codes import input_errors
+from charlm.files import atomic_write
 from charlm.model import CharLSTM, ModelConfig, State
-from charlm.text import load_corpus, split_text
+from charlm.text import CorpusError, load_corpus, split_text
 from charlm.vocab import Vocab
 
-__all__ = ["TrainConfig", "TrainResult", "ResumeError", "train", "evaluate", "resolve_device"]
+__all__ = [
+    "TrainConfig", "TrainConfigError", "Option", "option_of", "field_types", "TrainResult", "ResumeError", "train",
+    "evaluate",
+]
 
 LN2 = math.log(2.0)
+MAX_TRAIN_RANDOM_SEED = 2**63 - 1  # torch seeds are 64-bit; the data order adds the epoch number to it
+
+log = logging.getLogger(__name__)
 
 
 class ResumeError(ValueError):
-    """The saved training state does not belong to this corpus or architecture."""
+    """The saved training state is missing, or does not belong to this corpus or architecture."""
+
+
+class TrainConfigError(ValueError):
+    """A training setting is invalid; `field` names the TrainConfig field (the CLI turns it into its flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a TrainConfig field means and which values it takes, kept in the field's metadata so that the
+    dataclass is the one home of every training default and range: TrainConfig validates with it and the
+    CLI builds `charlm train`'s flags from it."""
+
+    doc: str  # the help text
+    low: float | None = None  # smallest allowed value (None: unbounded) …
+    high: float | None = None  # … and largest
+    low_open: bool = False  # True: `low` itself is not allowed (> rather than >=)
+    high_open: bool = False  # True: `high` itself is not allowed (< rather than <=)
+    flag: str | None = None  # the CLI flag, when it is not --field-name (e.g. --no-strip)
+    metavar: str | None = None  # the CLI's name for the value in --help
+    cli: bool = True  # False: a Python-only setting
+
+    def describe(self) -> str:
+        """The range in words: '>= 1', '> 0', 'in [0, 1)'."""
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return "any value"
+
+    def problem(self, value: object, kind: type) -> str | None:
+        """Why `value` is not allowed ('must be ..., got ...'), or None when it is."""
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"must be a whole number, got {value!r}"
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"must be a number, got {value!r}"
+            if not math.isfinite(value):
+                return f"must be a finite number, got {value!r}"
+        if kind not in (int, float):
+            return None
+        assert isinstance(value, (int, float))
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self.describe()}, got {value!r}" if too_low or too_high else None
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _field(
+    default: Any = MISSING, *, doc: str, low: float | None = None, high: float | None = None, low_open: bool = False,
+    high_open: bool = False, flag: str | None = None, metavar: str | None = None, cli: bool = True,
+) -> Any:
+    """A dataclass field carrying its Option (help text, range, CLI flag); the arguments are Option's."""
+    option = Option(doc, low, high, low_open, high_open, flag, metavar, cli)
+    return field(default=default, metadata={"option": option})
+
+
+def _model_default(name: str) -> Any:
+    """ModelConfig's default for a size, so that the model's defaults live in one place."""
+    return next(f.default for f in fields(ModelConfig) if f.name == name)
+
+
+def option_of(f: Field[Any]) -> Option | None:
+    """The Option of a TrainConfig field (None for a field without one)."""
+    return f.metadata.get("option")
+
+
+@cache
+def field_types() -> dict[str, type]:
+    """Each TrainConfig field's value type, `X | None` read as X: what the CLI parses and validation checks."""
+    types: dict[str, type] = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        types[name] = args[0] if args else hint
+    return types
 
 
 @dataclass
 class TrainConfig:
-    corpus: str  # path of the UTF-8 training text (URLs are fetched by the CLI before this)
-    out: str  # checkpoint path; the best model by held-out bpc is kept here
-    embed: int = 128
-    hidden: int = 512
-    layers: int = 2
-    dropout: float = 0.25
-    seq_len: int = 128  # characters per window (truncated BPTT length)
-    batch_size: int = 64  # contiguous streams trained side by side
-    lr: float = 3e-3  # peak AdamW learning rate, reached after warmup, then cosine to lr * min_lr_ratio
-    min_lr_ratio: float = 0.02
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    steps: int | None = None  # stop after this many optimizer steps …
-    time_budget: float | None = None  # … or after this many seconds (the schedule follows whichever ends first)
-    eval_interval: int = 100  # steps between held-out evaluations (and checkpoint/state saves)
-    log_interval: int = 10  # steps between metrics.jsonl lines
-    val_fraction: float = 0.1
-    device: str = "auto"
-    seed: int = 1337
-    strip: bool = True  # cut the Gutenberg licence header/footer
-    resume: bool = False
-    init_from: str | None = None  # start from this checkpoint's weights (same vocabulary and sizes)
-    corpus_name: str | None = None  # what to record as the corpus (e.g. its URL); defaults to the path
+    """One training run. Each field's Option holds its help text and allowed range; `charlm train` takes
+    its flags, defaults and checks from here, so a default or a range is changed in this class only."""
+
+    corpus: str = _field(doc="UTF-8 text file to train on (the CLI also takes an http(s):// URL, downloaded once)")
+    out: str = _field(doc="checkpoint path (.safetensors); the best model by held-out bpc is kept here, and "
+                          "its .state.safetensors, .metrics.jsonl and .loss.png beside it")
+    embed: int = _field(_model_default("embed"), doc="embedding width", low=1)
+    hidden: int = _field(_model_default("hidden"), doc="LSTM width: the main knob for quality and speed", low=1)
+    layers: int = _field(_model_default("layers"), doc="stacked LSTM layers", low=1)
+    dropout: float = _field(_model_default("dropout"), doc="dropout on the embedding, between layers and before "
+                                                           "the output", low=0.0, high=1.0, high_open=True)
+    seq_len: int = _field(128, doc="characters per window (truncated BPTT length)", low=1)
+    batch_size: int = _field(64, doc="contiguous streams trained side by side", low=1)
+    lr: float = _field(3e-3, doc="peak AdamW learning rate, reached after warmup, then cosine down to "
+                                 "lr * min_lr_ratio", low=0.0, low_open=True)
+    min_lr_ratio: float = _field(0.02, doc="final learning rate as a fraction of lr", low=0.0, high=1.0)
+    warmup_steps: int = _field(100, doc="steps of linear learning-rate warmup", low=0)
+    weight_decay: float = _field(0.05, doc="AdamW weight decay", low=0.0, high=1.0, high_open=True)
+    grad_clip: float = _field(1.0, doc="gradient norm clipping threshold", low=0.0, low_open=True)
+    steps: int | None = _field(None, doc="optimizer steps to run", low=1)
+    time_budget: float | None = _field(None, doc="stop after this many seconds of training (the schedule follows "
+                                                 "steps or seconds, whichever ends first)",
+                                       low=0.0, low_open=True, metavar="SECONDS")
+    eval_interval: int = _field(100, doc="steps between held-out evaluations and checkpoint/state saves", low=1)
+    log_interval: int = _field(10, doc="steps between metrics.jsonl lines", low=1)
+    val_fraction: float = _field(0.1, doc="held-out fraction: the end of the text", low=0.0, high=1.0,
+                                 low_open=True, high_open=True)
+    device: str = _field("auto", doc="auto, cpu, cuda or cuda:N")
+    random_seed: int = _field(1337, doc="seed of the weight initialisation, dropout and data order",
+                              low=0, high=MAX_TRAIN_RANDOM_SEED)
+    strip: bool = _field(True, doc="cut the Gutenberg licence header and footer (default); --no-strip keeps them",
+                         flag="--no-strip")
+    resume: bool = _field(False, doc="continue from the saved training state (<out>.state.safetensors)")
+    init_from: str | None = _field(None, doc="start from this checkpoint's weights (same corpus vocabulary and "
+                                             "sizes; new schedule)", metavar="CHECKPOINT")
+    corpus_name: str | None = _field(None, doc="what to record as the corpus (e.g. its URL); default: the file "
+                                               "name", cli=False)
 
     def __post_init__(self) -> None:
-        positive = ("embed", "hidden", "layers", "seq_len", "batch_size", "eval_interval", "log_interval")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every range and that no output would overwrite an input; raises TrainConfigError.
+        Runs on construction and again when training starts (a config may be changed in between)."""
+        types = field_types()
+        for f in fields(self):
+            option, value = option_of(f), getattr(self, f.name)
+            if option is None or value is None:
+                continue
+            problem = option.problem(value, types[f.name])
+            if problem:
+                raise TrainConfigError(f.name, f"{f.name} {problem}")
         if self.steps is None and self.time_budget is None:
-            raise ValueError("give steps or time_budget (or both)")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise TrainConfigError("steps", "give steps or time_budget (or both)")
         if self.resume and self.init_from:
-            raise ValueError("give resume or init_from, not both: a resumed run already has its weights")
+            raise TrainConfigError("init_from", "give resume or init_from, not both: a resumed run already has "
+                                                "its weights")
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        """Refuse an `out` that is, or whose sidecars are, an input: training would overwrite the corpus or
+        the starting checkpoint (and a fresh run deletes the old metrics file before it starts)."""
+        if not str(self.out).strip() or not Path(self.out).name:
+            raise TrainConfigError("out", f"out must be a file path, got {str(self.out)!r}")
+        out = Path(self.out)
+        if out.is_dir():
+            raise TrainConfigError("out", f"out {out} is a directory; give a file path such as "
+                                          f"{out / 'model.safetensors'}")
+        outputs = {"checkpoint": out, "training state": self.state_path, "metrics file": self.metrics_path,
+                   "loss plot": self.plot_path}
+        inputs = {"corpus": Path(self.corpus)}
+        if self.init_from:
+            inputs["init_from checkpoint"] = Path(self.init_from)
+        for written, target in outputs.items():
+            for read, source in inputs.items():
+                if _same_file(target, source):
+                    via = "" if written == "checkpoint" else f" (its {written} is {target})"
+                    raise TrainConfigError("out", f"out {out} would overwrite the {read} {source}{via}; "
+                                                  "choose another output path")
 
     @property
     def state_path(self) -> Path:
@@ -96,6 +230,21 @@ class TrainConfig:
         return Path(self.out).with_suffix(".loss.png")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal once resolved (symlinks, '..'), or, where both exist, the same
+    inode (hard links, case-insensitive file systems)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: compare what we can
+        if a.absolute() == b.absolute():
+            return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -103,21 +252,6 @@ class TrainResult:
     best_val_bpc: float
     interrupted: bool
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' → CUDA when present, else CPU; 'cuda:N' is checked to exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    return dev
 
 
 @torch.inference_mode()
@@ -143,17 +277,18 @@ def evaluate(model: CharLSTM, ids: torch.Tensor, chunk: int = 8192) -> dict[str,
 class _Streams:
     """B contiguous streams over the training ids, windows of T, a fresh random offset each epoch."""
 
-    def __init__(self, ids: torch.Tensor, batch: int, seq_len: int, seed: int):
+    def __init__(self, ids: torch.Tensor, batch: int, seq_len: int, random_seed: int):
         if len(ids) < batch * (seq_len + 1) + seq_len:
             raise ValueError(
                 f"training text of {len(ids)} characters is too short for batch_size={batch} x "
                 f"seq_len={seq_len}; lower them or use a longer corpus"
             )
-        self.ids, self.batch, self.seq_len, self.seed = ids, batch, seq_len, seed
+        self.ids, self.batch, self.seq_len, self.random_seed = ids, batch, seq_len, random_seed
 
     def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(inputs, targets) as (B, L) streams for this epoch, and its number of windows."""
-        offset = int(torch.randint(self.seq_len, (1,), generator=torch.Generator().manual_seed(self.seed + epoch)))
+        rng = torch.Generator().manual_seed(self.random_seed + epoch)
+        offset = int(torch.randint(self.seq_len, (1,), generator=rng))
         length = (len(self.ids) - 1 - offset) // self.batch
         x = self.ids[offset : offset + self.batch * length].view(self.batch, length)
         y = self.ids[offset + 1 : offset + 1 + self.batch * length].view(self.batch, length)
@@ -224,16 +359,44 @@ def _check_resumable(cfg: TrainConfig, info: dict[str, Any], corpus_sha: str, mo
         )
 
 
-def _plot(cfg: TrainConfig) -> None:
-    """Training loss and held-out bpc against wall-clock time, from metrics.jsonl."""
+def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows of a metrics.jsonl file, and how many lines were skipped because they are not JSON objects:
+    a run killed mid-write leaves half a line, and a damaged line must not stop a run (or its resume)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return [], 0
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            skipped += 1
+    return rows, skipped
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plot(cfg: TrainConfig, rows: list[dict[str, Any]]) -> None:
+    """Training loss and held-out bpc against wall-clock time, from the rows of metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in cfg.metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["seconds"] / 60, r["train_bpc"]) for r in rows if "train_bpc" in r]
-    val = [(r["seconds"] / 60, r["val_bpc"]) for r in rows if "val_bpc" in r]
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(r["seconds"] / 60, r[key]) for r in rows if _is_number(r.get("seconds")) and _is_number(r.get(key))]
+
+    train, val = series("train_bpc"), series("val_bpc")
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="training bpc (with dropout)", alpha=0.6)
@@ -243,7 +406,8 @@ def _plot(cfg: TrainConfig) -> None:
     ax.set_ylabel("bits per character")
     ax.set_title(Path(cfg.out).name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(cfg.plot_path, dpi=100)
     plt.close(fig)
@@ -264,15 +428,21 @@ class _Trainer:
     """One run: data, model and optimizer, and the counters (`info`) that a resume restores."""
 
     def __init__(self, cfg: TrainConfig, progress: ProgressFn | None):
+        cfg.validate()
+        if cfg.resume and not cfg.state_path.exists():
+            raise ResumeError(f"nothing to resume: {cfg.state_path} does not exist; run without --resume to start "
+                              "a new run")
         self.cfg, self.progress = cfg, progress
+        self.metrics_warned = False
         self.device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        text = load_corpus(cfg.corpus, strip=cfg.strip)
+        torch.manual_seed(cfg.random_seed)
+        with input_errors(CorpusError, cfg.corpus, "UTF-8 text corpus"):
+            text = load_corpus(cfg.corpus, strip=cfg.strip)
         self.train_text, self.val_text = split_text(text, cfg.val_fraction)
         self.vocab = Vocab.from_text(text)
         self.corpus_sha = sha256_text(text)
         self.val_ids = self.vocab.encode(self.val_text)
-        self.streams = _Streams(self.vocab.encode(self.train_text), cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.streams = _Streams(self.vocab.encode(self.train_text), cfg.batch_size, cfg.seq_len, cfg.random_seed)
         self.model_cfg = ModelConfig(len(self.vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
         self.model = CharLSTM(self.model_cfg).to(self.device)
         self.opt = torch.optim.AdamW(
@@ -284,10 +454,12 @@ class _Trainer:
                                      "best_val_bpc": math.inf, "best_step": 0, "init_from": None}
         if cfg.init_from:
             self.info["init_from"] = self._start_from(cfg.init_from)
-        if cfg.resume and cfg.state_path.exists():
-            saved, self.carry = _load_state(cfg, self.model, self.opt, self.device, self.corpus_sha)
+        if cfg.resume:
+            with input_errors(ResumeError, cfg.state_path, "charlm training state"):
+                saved, self.carry = _load_state(cfg, self.model, self.opt, self.device, self.corpus_sha)
             self.info.update({k: saved.get(k, v) for k, v in self.info.items()})
-        elif not cfg.resume:
+            self.rewind_metrics()
+        else:
             cfg.metrics_path.unlink(missing_ok=True)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"])
@@ -295,7 +467,8 @@ class _Trainer:
     def _start_from(self, path: str) -> dict[str, Any]:
         """Load a trained checkpoint's weights (same vocabulary and sizes; dropout and schedule are
         this run's) and return what the new checkpoint records about it."""
-        ckpt = load_checkpoint(path, self.device)
+        with input_errors(CheckpointError, path, "charlm checkpoint"):
+            ckpt = load_checkpoint(path, self.device)
         if ckpt.vocab.chars != self.vocab.chars:
             raise ResumeError(f"cannot start from {path}: its vocabulary differs from this corpus's")
         sizes = ("vocab_size", "embed", "hidden", "layers")
@@ -390,8 +563,26 @@ class _Trainer:
                       "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
         _save_state(cfg, self.model, self.opt, self.carry, state_info)
         self.log({"step": info["step"], "seconds": round(info["seconds"], 2), "val_bpc": result["bpc"]})
-        _plot(cfg)
+        _plot(cfg, self.read_metrics())
         return result["bpc"]
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """This run's metrics rows; lines that are not JSON objects are left out, with one warning per run."""
+        rows, skipped = _read_metrics(self.cfg.metrics_path)
+        if skipped and not self.metrics_warned:
+            self.metrics_warned = True
+            log.warning("skipped %d line(s) of %s that are not JSON objects (a run killed mid-write leaves half a "
+                        "line); they are left out of the plot", skipped, self.cfg.metrics_path)
+        return rows
+
+    def rewind_metrics(self) -> None:
+        """On resume, rewrite metrics.jsonl as of the restored step: rows logged after the last saved state
+        are trained again (and would be logged twice), and a half-written last line would swallow the next."""
+        if not self.cfg.metrics_path.exists():
+            return
+        step = self.info["step"]
+        rows = [r for r in self.read_metrics() if not (_is_number(r.get("step")) and r["step"] > step)]
+        atomic_write(self.cfg.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def log(self, row: dict[str, Any]) -> None:
         with self.cfg.metrics_path.open("a") as f:
@@ -402,7 +593,8 @@ class _Trainer:
     def summary(self) -> dict[str, Any]:
         """The training record kept in the checkpoint's metadata."""
         cfg, info = self.cfg, self.info
-        hyper = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed")
+        hyper = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
+                 "random_seed")
         return {
             "corpus": cfg.corpus_name or Path(cfg.corpus).name,
             "corpus_sha256": self.corpus_sha,

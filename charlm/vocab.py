@@ -29,8 +29,7 @@ class Vocab:
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
-            raise ValueError("a vocabulary is a list of distinct single characters")
+        _check_chars(self.chars)
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.chars)})
 
     @classmethod
@@ -64,7 +63,39 @@ class Vocab:
 
     @classmethod
     def from_json(cls, data: str) -> Vocab:
-        chars = json.loads(data)
+        """Raises ValueError (never RecursionError or TypeError) for anything but a list of characters."""
+        try:
+            chars = json.loads(data)
+        except RecursionError:
+            raise ValueError("vocabulary JSON is nested too deeply; it must be a flat list of characters") from None
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
             raise ValueError("vocabulary JSON must be a list of characters")
         return cls(tuple(chars))
+
+
+def _check_chars(chars: tuple[str, ...]) -> None:
+    """Distinct single characters that UTF-8 can encode.
+
+    A lone surrogate (U+D800..U+DFFF) is a valid Python str but cannot be written as UTF-8, so a
+    vocabulary holding one would load and only fail later, when a response lists the characters.
+    """
+    seen: set[str] = set()
+    for c in chars:
+        if not isinstance(c, str) or len(c) != 1:
+            raise ValueError(f"a vocabulary is a list of distinct single characters, got {_shorten(c)}")
+        if c in seen:
+            raise ValueError(f"a vocabulary is a list of distinct single characters, {c!r} appears twice")
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"vocabulary character U+{ord(c):04X} cannot be encoded as UTF-8 (a lone surrogate); "
+                "a vocabulary holds only real characters"
+            ) from None
+        seen.add(c)
+
+
+def _shorten(value: object, limit: int = 40) -> str:
+    """repr of `value`, cut so that an error message stays short whatever the input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,6 +1,6 @@
 """Prepare the shipped model's companions: the training-text word list and the card's figures.
 
-    python scripts/ship_model.py models/mysterious_island.safetensors ../shared/data/mysterious_island.txt
+    python scripts/ship_model.py models/mysterious_island.safetensors data/mysterious_island.txt
 
 Writes models/<name>.words.txt (every word of the training split, for the English-words test)
 and prints the figures and samples that models/README.md quotes.

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save
 
+from charlm import cli
+from charlm.checkpoint import CheckpointError
 from charlm.cli import main
+from charlm.engine import DEFAULT_LENGTH, RequestError
+from charlm.exit_codes import exit_code, one_line
+from charlm.model import ModelConfig
+from charlm.train import TrainConfig
+
+SMALL = ["--layers", "1", "--hidden", "16", "--embed", "8", "--seq-len", "16", "--batch-size", "4", "--device", "cpu"]
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -93,9 +105,199 @@ def test_errors_exit_with_one_clear_line(args: list[str], code: int, message: st
     assert message in err and "Traceback" not in err
 
 
-def test_console_script_exit_status_from_a_real_process(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "charlm.cli", "generate", "--checkpoint",
+@pytest.mark.parametrize("module", ["charlm.cli", "charlm"])
+def test_console_script_exit_status_from_a_real_process(module: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", module, "generate", "--checkpoint",
                              str(tmp_path / "none.safetensors"), "--seed", "x"], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"charlm generate: error: checkpoint not found: "
-                                                  f"{tmp_path / 'none.safetensors'}"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"charlm generate: error: checkpoint not found: {tmp_path / 'none.safetensors'}")
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--warmup-steps", "-5"), ("--steps", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--dropout", "1.5"),
+        ("--random-seed", "-1"), ("--random-seed", str(2**63)), ("--random-seed", "x"), ("--min-lr-ratio", "1.5"),
+        ("--grad-clip", "0"), ("--weight-decay", "1"), ("--val-fraction", "0"), ("--val-fraction", "1"),
+        ("--log-interval", "0"), ("--eval-interval", "0"), ("--embed", "0"), ("--batch-size", "2.5"),
+        ("--time-budget", "-1"), ("--time-budget", "inf"),
+    ],
+)
+def test_train_refuses_out_of_range_numbers_naming_the_option(
+    flag: str, value: str, corpus_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.safetensors"
+    code, _, err = run(["train", "--corpus", str(corpus_path), "--out", str(out), "--steps", "2", flag, value], capsys)
+    assert code == 2, err
+    assert f"argument {flag}:" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_train_flag_defaults_are_trainconfig_defaults() -> None:
+    args = cli._parser(["train"]).parse_args(["train", "--corpus", "c.txt", "--out", "m.safetensors"])
+    for f in fields(TrainConfig):
+        if f.default is not MISSING and f.name != "corpus_name":
+            assert getattr(args, f.name) == f.default, f.name
+    model = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
+    assert {k: getattr(args, k) for k in model} == model
+    assert not hasattr(args, "seed") and args.random_seed == 1337
+
+
+def test_generate_length_default_is_the_engines() -> None:
+    args = cli._parser(["generate"]).parse_args(["generate", "--checkpoint", "m", "--seed", "x"])
+    assert args.length == DEFAULT_LENGTH
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "sidecar", "init_from"])
+def test_train_refuses_an_out_that_would_overwrite_an_input(link: str, corpus_path: Path, tiny_checkpoint_path: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(corpus_path.read_bytes())
+    extra: list[str] = []
+    if link == "same":
+        out = corpus
+    elif link == "symlink":
+        out = tmp_path / "alias.safetensors"
+        out.symlink_to(corpus)
+    elif link == "hardlink":
+        out = tmp_path / "twin.safetensors"
+        os.link(corpus, out)
+    elif link == "sidecar":  # the metrics file of m.safetensors is m.metrics.jsonl
+        corpus = corpus.rename(tmp_path / "m.metrics.jsonl")
+        out = tmp_path / "m.safetensors"
+    else:
+        out = tmp_path / "init.safetensors"
+        out.write_bytes(tiny_checkpoint_path.read_bytes())
+        extra = ["--init-from", str(tmp_path / "." / "init.safetensors")]
+    before = corpus.read_bytes(), out.read_bytes() if out.exists() else None
+    code, _, err = run(["train", "--corpus", str(corpus), "--out", str(out), "--steps", "2", *SMALL, *extra], capsys)
+    assert code == 2, err
+    assert err.startswith("charlm train: error: argument --out:") and "would overwrite" in err
+    assert (corpus.read_bytes(), out.read_bytes() if out.exists() else None) == before
+
+
+def test_train_error_starts_on_its_own_line_after_the_progress_bar(
+    corpus_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*_args: object) -> None:
+        raise OSError("disk full\nwhile writing the plot")
+
+    monkeypatch.setattr("charlm.train._plot", disk_full)
+    out = tmp_path / "m.safetensors"
+    code, _, err = run(["train", "--corpus", str(corpus_path), "--out", str(out), "--steps", "4",
+                        "--eval-interval", "2", "--log-interval", "1", *SMALL], capsys)
+    assert code == 1
+    assert "step" in err  # the bar was shown before the error
+    lines = err.split("\n")
+    assert "charlm train: error: disk full while writing the plot" in lines, err
+
+
+def test_train_resume_without_saved_state_is_refused(corpus_path: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.safetensors"
+    code, _, err = run(["train", "--corpus", str(corpus_path), "--out", str(out), "--steps", "2", "--resume", *SMALL],
+                       capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"charlm train: error: nothing to resume: {out.with_suffix('.state.safetensors')} does not exist; "
+        "run without --resume to start a new run"
+    ]
+
+
+def _hostile_checkpoint(path: Path, kind: str) -> Path:
+    """A safetensors file with charlm metadata that crashes parsers rather than failing their checks."""
+    meta = {"charlm.format": "1", "charlm.vocab": '["a", "b"]', "charlm.model": '{"vocab_size": 2}'}
+    if kind == "recursion":
+        meta["charlm.vocab"] = "[" * 200_000 + "]" * 200_000
+    else:
+        meta["charlm.model"] = '{"vocab_size": 2, "embed": 2.5}'
+    path.write_bytes(save({}, metadata=meta))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["recursion", "type"])
+@pytest.mark.parametrize("command", ["generate", "eval", "train"])
+def test_a_hostile_checkpoint_fails_in_one_line(kind: str, command: str, corpus_path: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    bad = str(_hostile_checkpoint(tmp_path / "bad.safetensors", kind))
+    argv = {
+        "generate": ["generate", "--checkpoint", bad, "--seed", "ab", "--device", "cpu"],
+        "eval": ["eval", "--checkpoint", bad, "--corpus", str(corpus_path), "--device", "cpu"],
+        "train": ["train", "--corpus", str(corpus_path), "--out", str(tmp_path / "m.safetensors"), "--steps", "1",
+                  "--init-from", bad, *SMALL],
+    }[command]
+    code, _, err = run(argv, capsys)
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"charlm {command}: error: ") and bad in lines[0], err
+
+
+def test_serve_forwards_only_the_given_options_to_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, list[str]]] = []
+
+    def fake_execv(path: str, argv: list[str]) -> None:
+        calls.append((path, list(argv)))
+        raise SystemExit(0)  # execv never returns
+
+    monkeypatch.setattr(os, "execv", fake_execv)
+    for argv, forwarded in [
+        (["serve"], []),
+        (["serve", "--port", "9000", "--checkpoint", "m.safetensors"],
+         ["--checkpoint", "m.safetensors", "--port", "9000"]),
+        (["serve", "--host", "0.0.0.0", "--device", "cpu"], ["--host", "0.0.0.0", "--device", "cpu"]),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert calls.pop() == (sys.executable, [sys.executable, "-m", "app", *forwarded])
+
+
+def test_serve_help_works_without_loading_the_library() -> None:
+    code = ("import sys; from charlm.cli import main\n"
+            "try:\n    main(['serve', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'torch' not in sys.modules and 'app' not in sys.modules, 'serve --help imported torch or app'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--checkpoint" in result.stdout and "--port" in result.stdout
+
+
+def test_exit_codes_and_one_line_messages() -> None:
+    assert importlib.util.find_spec("charlm.errors") is None  # renamed to charlm.exit_codes
+    assert exit_code(RequestError("length", "must be >= 1")) == 2
+    assert exit_code(CheckpointError("broken")) == 1 and exit_code(FileNotFoundError("x")) == 1
+    assert exit_code(KeyError("bug")) is None  # a bug keeps its traceback
+    assert one_line(ValueError("first\r\n  second\nthird")) == "first second third"
+    assert one_line(MemoryError()) == "MemoryError"
+
+
+@pytest.mark.parametrize("error", [RecursionError, TypeError, MemoryError, RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("command", ["generate", "eval", "train"])
+def test_crashes_while_loading_inputs_end_in_one_line(error: type[BaseException], command: str, corpus_path: Path,
+                                                      tiny_checkpoint_path: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever a parser raises on a damaged file is reported as that file's error; Ctrl-C stays Ctrl-C."""
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise error("deep\ninside")
+
+    target = {"generate": "charlm.checkpoint.load_checkpoint", "eval": "charlm.text.load_corpus",
+              "train": "charlm.train.load_corpus"}[command]
+    monkeypatch.setattr(target, crash)
+    ckpt, corpus = str(tiny_checkpoint_path), str(corpus_path)
+    argv = {
+        "generate": ["generate", "--checkpoint", ckpt, "--seed", "The", "--device", "cpu"],
+        "eval": ["eval", "--checkpoint", ckpt, "--corpus", corpus, "--device", "cpu"],
+        "train": ["train", "--corpus", corpus, "--out", str(tmp_path / "m.safetensors"), "--steps", "1", *SMALL],
+    }[command]
+    code, _, err = run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    if error is KeyboardInterrupt:
+        assert (code, lines[0]) == (130, f"charlm {command}: interrupted")
+    else:
+        path = ckpt if command == "generate" else corpus
+        assert code == 1
+        assert lines[0].startswith(f"charlm {command}: error: cannot read ") and path in lines[0]
+        assert f"{error.__name__}: deep inside" in lines[0]

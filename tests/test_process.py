@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -11,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import ROOT, running_server
+from tests.server import ROOT, Server, running_server
 
 
 def test_ready_generate_and_graceful_sigterm(tiny_checkpoint_path: Path) -> None:
-    env = {"CHARLM_MAX_LENGTH": "200000", "CHARLM_DRAIN_SECONDS": "1.5", "CHARLM_GRACE_SECONDS": "60"}
+    env = {"CHARLM_MAX_LENGTH": "200000", "CHARLM_DRAIN_SECONDS": "3", "CHARLM_GRACE_SECONDS": "60"}
     with running_server(tiny_checkpoint_path, **env) as server:
         r = httpx.post(f"{server.url}/generate", json={"seed": "The ", "length": 50, "random_seed": 1}, timeout=30)
         assert r.status_code == 200 and len(r.json()["generated"]) == 50
@@ -30,8 +31,8 @@ def test_ready_generate_and_graceful_sigterm(tiny_checkpoint_path: Path) -> None
         while server.metric("charlm_active_rows") < 1:
             time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
+        while httpx.get(f"{server.url}/ready", timeout=5).status_code != 503:  # the signal takes effect
+            time.sleep(0.01)
         refused = httpx.post(f"{server.url}/generate", json={"seed": "The ", "length": 5}, timeout=5)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
         worker.join(timeout=90)
@@ -39,6 +40,105 @@ def test_ready_generate_and_graceful_sigterm(tiny_checkpoint_path: Path) -> None
         assert len(in_flight["r"].json()["generated"]) == 6000
         assert server.process.wait(timeout=30) == 0
         assert "Traceback" not in (server.process.stdout.read() if server.process.stdout else "")
+
+
+ENDLESS = str(10**9)  # a length no machine finishes while a test waits: only the server can end it
+
+
+def start_request(server: Server, path: str, body: dict) -> socket.socket:
+    """A raw request whose response is read (or abandoned) by the caller."""
+    host, port = server.url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def read_all(sock: socket.socket) -> str:
+    sock.settimeout(60)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_past_the_grace_in_flight_clients_get_a_proper_error_and_the_server_exits(tiny_checkpoint_path: Path) -> None:
+    # A grace below one second used to mean "wait forever" to uvicorn.
+    env = {"CHARLM_MAX_LENGTH": ENDLESS, "CHARLM_DRAIN_SECONDS": "0", "CHARLM_GRACE_SECONDS": "0.5"}
+    with running_server(tiny_checkpoint_path, **env) as server:
+        plain = start_request(server, "/generate", {"seed": "The ", "length": int(ENDLESS)})
+        stream = start_request(server, "/generate/stream", {"seed": "The ", "length": int(ENDLESS)})
+        while server.metric("charlm_active_rows") < 2:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        plain_reply, stream_reply = read_all(plain), read_all(stream)
+        assert server.process.wait(timeout=60) == 0
+    head, _, body = plain_reply.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and "application/json" in head
+    assert json.loads(body)["error"]["type"] == "not_ready"
+    assert "event: error" in stream_reply and "shut down" in stream_reply and "event: done" not in stream_reply
+
+
+def test_a_second_sigterm_exits_at_once(tiny_checkpoint_path: Path) -> None:
+    env = {"CHARLM_MAX_LENGTH": ENDLESS, "CHARLM_DRAIN_SECONDS": "3600", "CHARLM_GRACE_SECONDS": "3600"}
+    with running_server(tiny_checkpoint_path, **env) as server:
+        busy = start_request(server, "/generate", {"seed": "The ", "length": int(ENDLESS)})
+        while server.metric("charlm_active_rows") < 1:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        while httpx.get(f"{server.url}/ready", timeout=5).status_code != 503:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)  # without waiting for the hour of drain and grace
+        server.process.wait(timeout=60)
+        output = server.process.stdout.read() if server.process.stdout else ""
+        busy.close()
+    assert "Traceback" not in output and "exiting now" in output
+
+
+def test_disconnected_clients_give_their_queue_places_back(tiny_checkpoint_path: Path) -> None:
+    env = {"CHARLM_MAX_LENGTH": ENDLESS, "CHARLM_MAX_BATCH": "1", "CHARLM_MAX_QUEUE": "4"}
+    with running_server(tiny_checkpoint_path, **env) as server:
+        running = start_request(server, "/generate", {"seed": "The ", "length": int(ENDLESS)})
+        while server.metric("charlm_active_rows") < 1:
+            time.sleep(0.01)
+        queued = [start_request(server, path, {"seed": "The ", "length": 5})
+                  for path in ("/generate", "/generate/stream") * 2]
+        while server.metric("charlm_queue_depth") < 4:
+            time.sleep(0.01)
+        for sock in queued:  # they go away while still waiting: no character was ever written to them
+            sock.close()
+        while server.metric("charlm_queue_depth") > 0:
+            time.sleep(0.01)
+        assert server.metric("charlm_active_rows") == 1  # the endless request still holds the only row
+        assert server.metric("charlm_cancellations_total") == 4
+        running.close()
+
+
+def test_idle_and_slow_connections_are_closed(tiny_checkpoint_path: Path) -> None:
+    with running_server(tiny_checkpoint_path, CHARLM_HEADER_TIMEOUT="1") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        silent = [socket.create_connection((host, int(port))) for _ in range(3)]
+        slow = [socket.create_connection((host, int(port))) for _ in range(3)]
+        for sock in slow:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHo")  # a head that never completes
+        for sock in silent + slow:  # closed by the server, however long a machine takes to get there
+            sock.settimeout(60)
+            assert sock.recv(1024) == b""
+            sock.close()
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_connections_beyond_the_limit_are_refused(tiny_checkpoint_path: Path) -> None:
+    with running_server(tiny_checkpoint_path, CHARLM_LIMIT_CONCURRENCY="4") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(4)]
+        while httpx.get(f"{server.url}/health", timeout=30).status_code != 503:  # once all four are accepted
+            time.sleep(0.01)
+        for sock in idle:
+            sock.close()
+        while httpx.get(f"{server.url}/health", timeout=30).status_code != 200:
+            time.sleep(0.01)
 
 
 def test_client_disconnect_cancels_generation(tiny_checkpoint_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 
 from app.main import create_app
 from app.settings import Settings
+from charlm import native
 
 
 def settings_for(path: Path, **overrides: object) -> Settings:
@@ -114,6 +116,13 @@ def test_stream_refusals_are_json_errors(client: TestClient) -> None:
         ({"seed": "The", "top_p": 1.5}, "top_p"),
         ({"seed": "The", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"seed": "The", "random_seed": -3}, "random_seed"),
+        ({"seed": "The", "random_seed": False}, "random_seed"),  # not read as 0
+        ({"seed": "The", "random_seed": 1.0}, "random_seed"),
+        ({"seed": "The", "length": True}, "length"),
+        ({"seed": "The", "top_k": 2**63}, "top_k"),  # overflowed a batch's tensors on the PyTorch path
+        ({"seed": "The", "top_k": 2**31}, "top_k"),  # was truncated to 32 bits by the native sampler
+        ({"seed": "The", "scale_factor": 3.5e38}, "scale_factor"),  # overflowed float32 logits
+        ({"seed": "The", "stop": [""]}, "stop.0"),
         ({"seed": "The", "unknown": 1}, "unknown"),
         ({"length": 5}, "seed"),
     ],
@@ -121,6 +130,23 @@ def test_stream_refusals_are_json_errors(client: TestClient) -> None:
 def test_validation_names_the_field(client: TestClient, body: dict, field: str) -> None:
     err = assert_error(client.post("/generate", json=body), 422, "validation_error")
     assert field in [d["field"] for d in err["details"]], err
+
+
+def test_ranges_are_documented_on_the_api_page(client: TestClient) -> None:
+    from charlm.sampling import MAX_SCALE_FACTOR, MAX_TOP_K
+
+    props = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert props["scale_factor"]["maximum"] == MAX_SCALE_FACTOR
+    assert props["top_k"]["anyOf"][0]["maximum"] == MAX_TOP_K
+    assert props["random_seed"]["anyOf"][0]["maximum"] == 2**53 - 1
+
+
+def test_unknown_characters_are_named_but_capped(client: TestClient) -> None:
+    many = "".join(chr(0x4E00 + i) for i in range(5000))
+    r = client.post("/generate", json={"seed": many, "length": 5})
+    detail = assert_error(r, 422, "validation_error")["details"][0]
+    assert len(detail["unknown_characters"]) == 20 and detail["unknown_count"] == 5000
+    assert len(r.content) < 2000
 
 
 def test_limit_is_named(client: TestClient) -> None:
@@ -169,7 +195,12 @@ def test_health_ready_info(client: TestClient, tiny_checkpoint_path: Path) -> No
     info = client.get("/info").json()
     assert info["model"]["config"]["hidden"] == 48 and info["model"]["parameters"] > 0
     assert info["training"]["val_bpc"] > 0 and info["limits"]["max_length"] == 800
-    assert info["device"] == "cpu" and info["native_kernels"] is True and info["version"]
+    assert info["device"] == "cpu" and info["version"] and info["auth_required"] is False
+    assert info["limits"]["max_top_k"] > 0 and info["limits"]["max_scale_factor"] > 0
+    # Where a C compiler built the kernels, the service must use them; elsewhere PyTorch serves.
+    assert info["native_kernels"] is (native.load() is not None)
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert info["native_kernels"] is True
 
 
 def test_startup_objects_are_frozen_out_of_the_collector(tiny_checkpoint_path: Path) -> None:
@@ -213,20 +244,52 @@ def test_api_key(tiny_checkpoint_path: Path) -> None:
 
 
 def test_queue_full_is_429_with_retry_after(tiny_checkpoint_path: Path) -> None:
-    app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=2000))
+    endless = 10**9  # longer than any test runs, on any machine: only the cancel below ends it
+    app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=endless))
     with TestClient(app) as c:
         engine = app.state.engine
         from charlm.engine import GenerationRequest
 
-        running = engine.submit(GenerationRequest("The ", length=2000))
+        running = engine.submit(GenerationRequest("The ", length=endless))
         while engine.active < 1:
             time.sleep(0.001)
-        waiting = engine.submit(GenerationRequest("The ", length=2000))
+        waiting = engine.submit(GenerationRequest("The ", length=5))
         r = c.post("/generate", json={"seed": "The", "length": 5})
         assert_error(r, 429, "queue_full")
         assert r.headers["retry-after"] == "1"
+        waiting.cancel()  # a cancelled request gives its queue place back at once
+        assert engine.queue_depth == 0
         running.cancel()
-        waiting.cancel()
+
+
+def test_empty_api_key_is_refused_at_start(tiny_checkpoint_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARLM_API_KEY", "")
+    with pytest.raises(ValidationError, match="CHARLM_API_KEY is set but empty"):
+        Settings(checkpoint=tiny_checkpoint_path)
+    monkeypatch.setenv("CHARLM_API_KEY", "  ")
+    with pytest.raises(ValidationError, match="empty"):
+        Settings(checkpoint=tiny_checkpoint_path)
+
+
+def test_credentials_are_checked_before_the_body(tiny_checkpoint_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_checkpoint_path, api_key="s3cret"))) as c:
+        headers = {"content-type": "application/json"}
+        assert_error(c.post("/generate", content=b"{not json", headers=headers), 401, "unauthorized")
+        assert_error(c.post("/generate", json={"seed": 5}), 401, "unauthorized")
+        ok = {**headers, "Authorization": "Bearer s3cret"}
+        assert_error(c.post("/generate", content=b"{not json", headers=ok), 422, "validation_error")
+        assert c.get("/info", headers=ok).json()["auth_required"] is True
+
+
+def test_openapi_asks_for_a_token_only_when_a_key_is_set(tiny_checkpoint_path: Path) -> None:
+    def security(**overrides: object) -> tuple[object, object]:
+        with TestClient(create_app(settings_for(tiny_checkpoint_path, **overrides))) as c:
+            doc = c.get("/openapi.json").json()
+        return doc["paths"]["/generate"]["post"].get("security"), doc["components"].get("securitySchemes")
+
+    assert security() == (None, None)
+    required, schemes = security(api_key="s3cret")
+    assert required and schemes
 
 
 def test_not_ready_is_503(tiny_checkpoint_path: Path) -> None:

@@ -1,17 +1,24 @@
 import http.server
 import json
+import logging
 import math
+import subprocess
+import sys
 import threading
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
+import charlm.train
 from charlm.checkpoint import Checkpoint, load_checkpoint, read_safetensors
 from charlm.corpus_source import fetch_corpus
+from charlm.device import resolve_device
+from charlm.model import ModelConfig
 from charlm.text import load_corpus, split_text
-from charlm.train import ResumeError, evaluate, train
+from charlm.train import ResumeError, TrainConfig, TrainConfigError, evaluate, train
 from tests.conftest import make_corpus, tiny_config
 
 
@@ -139,3 +146,83 @@ def test_url_corpus_is_downloaded_once(corpus_path: Path, tmp_path: Path) -> Non
         server.shutdown()
     assert first == second and first.read_bytes() == body and first.name.endswith("1268-0.txt")
     assert hits == ["/files/1268-0.txt"]
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("warmup_steps", -5), ("steps", 0), ("lr", math.nan), ("lr", -1.0), ("dropout", 1.5), ("min_lr_ratio", 1.5),
+        ("grad_clip", 0.0), ("weight_decay", 1.0), ("val_fraction", 0.0), ("log_interval", 0), ("random_seed", -1),
+        ("random_seed", 2**63), ("time_budget", math.inf), ("embed", 2.5), ("seq_len", True), ("lr", "0.1"),
+    ],
+)
+def test_config_ranges_hold_for_python_callers_too(name: str, value: object, corpus_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainConfigError, match=f"^{name} ") as info:
+        tiny_config(corpus_path, tmp_path / "m.safetensors", **{name: value})
+    assert info.value.field == name
+
+
+def test_config_edges_are_allowed(corpus_path: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(corpus_path, tmp_path / "m.safetensors", warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                      random_seed=2**63 - 1, dropout=0.0)
+    assert cfg.random_seed == 2**63 - 1
+
+
+def test_model_size_defaults_are_model_configs() -> None:
+    ours = {f.name: f.default for f in fields(TrainConfig)}
+    for f in fields(ModelConfig):
+        if f.name != "vocab_size":
+            assert ours[f.name] == f.default, f.name
+
+
+def test_out_may_not_overwrite_an_input(corpus_path: Path, tiny_checkpoint_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainConfigError, match="would overwrite the corpus") as info:
+        tiny_config(corpus_path, corpus_path)
+    assert info.value.field == "out"
+    with pytest.raises(TrainConfigError, match="would overwrite the init_from checkpoint"):
+        tiny_config(corpus_path, tiny_checkpoint_path, init_from=str(tiny_checkpoint_path))
+    with pytest.raises(TrainConfigError, match="is a directory"):
+        tiny_config(corpus_path, tmp_path)
+    cfg = tiny_config(corpus_path, tmp_path / "m.safetensors", steps=1)
+    cfg.corpus = str(cfg.metrics_path)  # changed after construction: checked again when training starts
+    with pytest.raises(TrainConfigError, match="would overwrite the corpus .* \\(its metrics file is"):
+        train(cfg)
+
+
+def test_summary_records_the_random_seed_by_its_name(tiny: Checkpoint) -> None:
+    hyper = tiny.train["hyperparameters"]
+    assert hyper["random_seed"] == 1337 and "seed" not in hyper
+
+
+def test_resume_without_saved_state_is_refused(corpus_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ResumeError, match="^nothing to resume: .*m.state.safetensors does not exist; run without"):
+        train(tiny_config(corpus_path, out, steps=2, resume=True))
+    assert not out.exists()
+
+
+def test_resume_survives_a_damaged_metrics_file(corpus_path: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "m.safetensors"
+    train(tiny_config(corpus_path, out, steps=10, eval_interval=5, log_interval=1))
+    metrics = out.with_suffix(".metrics.jsonl")
+    with metrics.open("a") as f:  # a row logged after the last saved state, garbage, and a kill mid-line
+        f.write(json.dumps({"step": 11, "seconds": 1.0, "train_bpc": 3.0}) + "\nnot json\n[1, 2]\n{\"step\": 12, \"sec")
+    with caplog.at_level(logging.WARNING, logger="charlm.train"):
+        result = train(tiny_config(corpus_path, out, steps=20, eval_interval=5, log_interval=1, resume=True))
+    assert result.step == 20
+    warnings = [r.getMessage() for r in caplog.records if "not JSON objects" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 3 line(s)" in warnings[0]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line is JSON again
+    assert all(isinstance(r, dict) for r in rows)
+    assert [r["step"] for r in rows if "train_bpc" in r] == list(range(1, 21))  # step 11 once, from the resumed run
+    assert [r["step"] for r in rows if "val_bpc" in r] == [5, 10, 15, 20]
+
+
+def test_resolve_device_lives_outside_the_trainer() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu")
+    assert "resolve_device" not in charlm.train.__all__
+    code = "import sys, charlm.device; assert 'charlm.train' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -21,6 +22,10 @@ from charlm.engine import (
     QueueFullError,
     RequestError,
 )
+from charlm.sampling import InvalidParameter, SamplingParams
+
+# A 422 names at most this many unknown characters (and says how many there were).
+MAX_NAMED_CHARS = 20
 
 router = APIRouter(tags=["generate"], dependencies=[Authorized], responses=ERROR_RESPONSES)
 
@@ -31,17 +36,14 @@ async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) 
     try:
         return engine.submit(
             GenerationRequest(
-                seed=body.seed, length=body.length, scale_factor=body.scale_factor, top_k=body.top_k,
-                top_p=body.top_p, random_seed=body.random_seed, stop=tuple(body.stop),
+                seed=body.seed, length=body.length, random_seed=body.random_seed, stop=tuple(body.stop),
+                sampling=SamplingParams(body.scale_factor, body.top_k, body.top_p),
                 timeout=request.app.state.settings.request_timeout,
             )
         )
-    except RequestError as exc:
+    except InvalidParameter as exc:
         metrics.rejections.labels("invalid").inc()
-        detail: dict[str, Any] = {"field": exc.field, "type": "value_error", "message": exc.message}
-        if exc.chars:
-            detail["unknown_characters"] = exc.chars
-        raise ApiError(422, f"invalid request: {exc.field}", [detail]) from None
+        raise ApiError(422, f"invalid request: {exc.field}", [_detail(exc)]) from None
     except QueueFullError as exc:
         metrics.rejections.labels("queue_full").inc()
         raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
@@ -50,12 +52,23 @@ async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) 
         raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
 
 
+def _detail(exc: InvalidParameter) -> dict[str, Any]:
+    """The field and the rule; unknown characters named, but never more than MAX_NAMED_CHARS."""
+    detail: dict[str, Any] = {"field": exc.field, "type": "value_error", "message": exc.message}
+    if isinstance(exc, RequestError) and exc.chars:
+        detail["unknown_characters"] = exc.chars[:MAX_NAMED_CHARS]
+        detail["unknown_count"] = len(exc.chars)
+    return detail
+
+
 Submitted = Annotated[Generation, Depends(submitted)]
+
+SHUT_DOWN = "the server shut down before this request finished; retry on another replica or later"
 
 
 def _record(request: Request, result: GenerationResult) -> None:
     metrics = request.app.state.metrics
-    metrics.chars.inc(result.usage["generated_chars"])
+    metrics.chars.inc(result.usage.generated_chars)
     metrics.finished.labels(result.finish_reason).inc()
 
 
@@ -64,21 +77,32 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
+def _cancel_on_disconnect(request: Request, gen: Generation) -> asyncio.Future[None]:
+    """Watch the connection and cancel `gen` the moment the client goes: a queued request leaves
+    the queue, a running one its row, without waiting for the next write to fail."""
+    def gone(watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled():
+            watcher.exception()  # a broken connection counts as gone, too
+            gen.cancel()
+
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    watcher.add_done_callback(gone)
+    return watcher
+
+
 @router.post("/generate", response_model=GenerateResponse, summary="Continue a seed text")
 async def generate(request: Request, gen: Submitted) -> GenerateResponse:
     """The seed plus `length` sampled characters (fewer if a stop string or the timeout ends it)."""
-    waiter = asyncio.ensure_future(gen.wait())
-    watcher = asyncio.ensure_future(_until_disconnected(request))
+    watcher = _cancel_on_disconnect(request, gen)
     try:
-        await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not waiter.done():
-            gen.cancel()  # the client is gone: free its row
-    try:
-        result = await waiter
+        result = await gen.wait()
     except GenerationFailed as exc:
         raise ApiError(500, f"generation failed: {exc}") from None
+    except EngineClosedError:
+        raise ApiError(503, SHUT_DOWN, headers={"Retry-After": "1"}) from None
+    finally:
+        watcher.cancel()
+        gen.cancel()  # no-op when finished; frees the row if this handler itself was cancelled
     _record(request, result)
     return GenerateResponse.model_validate(result, from_attributes=True)
 
@@ -91,6 +115,7 @@ async def generate_stream(request: Request, gen: Submitted) -> AsyncIterator[Ser
     # pieces (smooth to a reader) instead of an event, a write and a wakeup per character, which
     # held 64 streams to ~2,000 characters/s in all.
     interval = request.app.state.settings.stream_interval_ms / 1000
+    watcher = _cancel_on_disconnect(request, gen)
     try:
         async for chunk in gen:
             yield ServerSentEvent(data={"text": chunk}, event="text")
@@ -100,11 +125,15 @@ async def generate_stream(request: Request, gen: Submitted) -> AsyncIterator[Ser
     except GenerationFailed as exc:
         yield ServerSentEvent(data={"error": {"type": "internal_error", "message": str(exc)}}, event="error")
         return
+    except EngineClosedError:
+        yield ServerSentEvent(data={"error": {"type": "not_ready", "message": SHUT_DOWN}}, event="error")
+        return
     finally:
+        watcher.cancel()
         gen.cancel()  # no-op when finished; frees the row when the client went away
     _record(request, result)
     yield ServerSentEvent(
-        data={"finish_reason": result.finish_reason, "random_seed": result.random_seed, "usage": result.usage,
-              "timings": result.timings},
+        data={"finish_reason": result.finish_reason, "random_seed": result.random_seed,
+              "usage": dataclasses.asdict(result.usage), "timings": dataclasses.asdict(result.timings)},
         event="done",
     )

@@ -6,10 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.deps import Authorized
+from app.deps import Authorized, not_ready_reason
 from app.errors import error_response
 from app.schemas import ERROR_RESPONSES
 from charlm import __version__
+from charlm.sampling import MAX_SCALE_FACTOR, MAX_TOP_K
 
 router = APIRouter(tags=["service"])
 
@@ -22,11 +23,9 @@ async def health() -> dict[str, str]:
 @router.get("/ready", summary="Readiness: 503 until the model is loaded and warmed up, and while shutting down",
             responses={503: ERROR_RESPONSES[503]})
 async def ready(request: Request) -> Any:
-    state = request.app.state
-    if state.draining:
-        return error_response(503, "not ready: shutting down", headers={"Retry-After": "1"})
-    if not state.ready:
-        return error_response(503, "not ready: the model is still loading", headers={"Retry-After": "1"})
+    reason = not_ready_reason(request.app.state)
+    if reason:
+        return error_response(503, f"not ready: {reason}", headers={"Retry-After": "1"})
     return {"status": "ready"}
 
 
@@ -34,7 +33,7 @@ async def ready(request: Request) -> Any:
             responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 503)})
 async def info(request: Request) -> dict[str, Any]:
     state = request.app.state
-    if not state.ready:
+    if state.engine is None or not state.ready:  # while draining the card is still true
         return error_response(503, "not ready: the model is still loading")  # type: ignore[return-value]
     ckpt, settings = state.checkpoint, state.settings
     return {
@@ -51,9 +50,14 @@ async def info(request: Request) -> dict[str, Any]:
             "max_seed_chars": settings.max_seed_chars,
             "max_batch": settings.max_batch,
             "max_queue": settings.max_queue,
+            "max_stop": state.engine.limits.max_stop,
+            "max_stop_chars": state.engine.limits.max_stop_chars,
+            "max_scale_factor": MAX_SCALE_FACTOR,
+            "max_top_k": MAX_TOP_K,
             "request_timeout_s": settings.request_timeout,
             "max_body_bytes": settings.max_body_bytes,
         },
+        "auth_required": settings.api_key is not None,
         "device": str(state.engine.device),
         "native_kernels": state.engine.native,
         "version": __version__,
