@@ -22,7 +22,7 @@ serve: install
 
 test: install
 	$(BIN)/ruff check charlm app tests benchmarks scripts
-	$(BIN)/mypy charlm app
+	$(BIN)/mypy --explicit-package-bases charlm app tests
 	$(BIN)/pytest
 
 bench: install

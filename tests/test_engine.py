@@ -1,6 +1,7 @@
 import asyncio
 import concurrent.futures
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -184,12 +185,12 @@ def test_streaming_yields_the_generated_text(engine: Engine) -> None:
 
 
 def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def consume() -> tuple[list[str], str, int, int]:
+    async def consume() -> tuple[list[str], str, int, int, list[str]]:
         loop = asyncio.get_running_loop()
         wakeups = 0
         schedule = loop.call_soon_threadsafe
 
-        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def counting(*args: Any, **kwargs: Any) -> Any:
             nonlocal wakeups
             wakeups += 1
             return schedule(*args, **kwargs)

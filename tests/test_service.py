@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -323,7 +324,7 @@ def test_stream_reports_a_mid_stream_failure_as_an_error_event(client: TestClien
 
     original = Engine._advance
 
-    def flaky(self: Engine, row):  # type: ignore[no-untyped-def]
+    def flaky(self: Engine, row: Any) -> Any:
         if row.gen.random_seed == 99 and len(row.generated) == 20:
             raise RuntimeError("row exploded")
         return original(self, row)

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from charlm import generate, load
+from charlm.checkpoint import Checkpoint
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CHECKPOINT = MODELS / "mysterious_island.safetensors"
 
 
 @pytest.fixture(scope="module")
-def shipped():  # type: ignore[no-untyped-def]
+def shipped() -> Checkpoint:
     return load(str(CHECKPOINT), "cpu")
 
 
@@ -24,7 +25,7 @@ def card_value(name: str) -> str:
     return match.group(1).strip().strip("`")
 
 
-def test_loads_and_metadata_matches_its_card(shipped) -> None:  # type: ignore[no-untyped-def]
+def test_loads_and_metadata_matches_its_card(shipped: Checkpoint) -> None:
     assert CHECKPOINT.stat().st_size < 30 * 2**20
     assert int(card_value("parameters").replace(",", "")) == shipped.model.num_parameters()
     assert float(card_value("held-out bits per character")) == pytest.approx(shipped.train["val_bpc"], abs=5e-4)
@@ -36,7 +37,7 @@ def test_loads_and_metadata_matches_its_card(shipped) -> None:  # type: ignore[n
     assert int(card_value("training steps").replace(",", "")) == shipped.train["steps"]
 
 
-def test_sample_reads_as_english(shipped) -> None:  # type: ignore[no-untyped-def]
+def test_sample_reads_as_english(shipped: Checkpoint) -> None:
     known = set((CHECKPOINT.with_suffix(".words.txt")).read_text().split())
     text = generate(shipped, "The island", length=2000, scale_factor=2.0, random_seed=1).generated
     words = [w.lower() for w in re.findall(r"[A-Za-z]+", text)]
