@@ -99,13 +99,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
             doc += f"; {option.describe()}"
         if not required and f.default is not None:
             doc += " (default: %(default)s)"
+        extra: dict[str, Any] = {"action": "append"} if option.many else {}
+        if option.choices:
+            extra["choices"] = option.choices
         p.add_argument(flag, dest=f.name, type=_checked(kind, option) if kind in (int, float) else kind,
                        default=None if required else f.default, required=required, metavar=option.metavar,
-                       help=doc)
+                       help=doc, **extra)
     p.add_argument("--cache-dir", help="where downloaded corpora are kept (default ~/.cache/charlm)")
 
 
-def _train_config(args: argparse.Namespace, corpus: str) -> TrainConfig:
+def _train_config(args: argparse.Namespace, corpus: list[str]) -> TrainConfig:
     """TrainConfig from the parsed flags; its own refusals (e.g. --out naming the corpus) become usage errors
     that name the flag."""
     from charlm.train import TrainConfig, TrainConfigError, option_of
@@ -113,7 +116,7 @@ def _train_config(args: argparse.Namespace, corpus: str) -> TrainConfig:
     options = {f.name: option_of(f) for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name, option in options.items() if option and option.cli}
     try:
-        return TrainConfig(**{**values, "corpus": corpus, "corpus_name": args.corpus})
+        return TrainConfig(**{**values, "corpus": tuple(corpus), "corpus_names": tuple(args.corpus)})
     except TrainConfigError as exc:
         option = options.get(exc.field)
         flag = _flag(exc.field, option) if option else exc.field
@@ -130,8 +133,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError("give --steps or --time-budget")
     if args.resume and args.init_from:
         raise argparse.ArgumentTypeError("give --resume or --init-from, not both")
-    path = fetch_corpus(args.corpus, args.cache_dir)
-    cfg = _train_config(args, str(path))
+    paths = [str(fetch_corpus(source, args.cache_dir)) for source in args.corpus]
+    cfg = _train_config(args, paths)
     by_time = args.steps is None
     bar: Any = None
     shown: dict[str, Any] = {}
@@ -179,7 +182,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     strip = ckpt.train.get("strip_gutenberg", True)
     path = fetch_corpus(args.corpus, args.cache_dir)
     with input_errors(CorpusError, path, "UTF-8 text corpus"):
-        text = load_corpus(path, strip=strip)
+        text = load_corpus(path, strip=strip, quotes=ckpt.train.get("quotes", "keep"))  # as the model was trained
     if args.split == "val":
         text = split_text(text, ckpt.train.get("val_fraction", 0.1))[1]
     result = evaluate_text(ckpt, text)

@@ -2,15 +2,21 @@
 
 Everything a model learns comes through here, so the rules are strict and explicit: the file must
 be UTF-8 (a BOM is dropped), CRLF/CR become LF, and a Project Gutenberg licence header/footer is
-cut so the model does not learn (and is not evaluated on) legal text.
+cut (with the edition's `_italics_` markers) so the model does not learn (and is not evaluated on)
+legal text or markup. Optionally straight quotes become typographic ones (charlm.typography), so
+books of several editions spell each symbol one way. A corpus may be several files: a directory
+stands for its *.txt files in name order.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["CorpusError", "read_text", "strip_gutenberg", "split_text", "load_corpus"]
+from charlm.typography import normalize, strip_italics
+
+__all__ = ["CorpusError", "read_text", "strip_gutenberg", "split_text", "load_corpus", "corpus_files"]
 
 
 class CorpusError(ValueError):
@@ -73,11 +79,27 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return train, val
 
 
-def load_corpus(path: str | Path, strip: bool = True) -> str:
-    """Read, optionally strip, and check that there is something to learn."""
+def corpus_files(sources: Iterable[str | Path]) -> list[Path]:
+    """Each source as files: a file as itself, a directory as its *.txt files in name order."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found = sorted(p for p in source.glob("*.txt") if p.is_file())
+            if not found:
+                raise CorpusError(f"corpus directory {source} has no *.txt files")
+            files += found
+        else:
+            files.append(source)
+    return files
+
+
+def load_corpus(path: str | Path, strip: bool = True, quotes: str = "keep") -> str:
+    """Read, optionally strip (header, footer, italics markers) and curl quotes, and check that there
+    is something to learn."""
     text = read_text(path)
     if strip:
-        text = strip_gutenberg(text)
+        text = strip_italics(strip_gutenberg(text))
+    text = normalize(text, quotes)
     if not text.strip():
         raise CorpusError(f"corpus {path} is empty (after removing the Gutenberg header/footer)")
     if len(set(text)) < 2:

@@ -8,7 +8,6 @@ its full left context and the matrix multiplies are large.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,12 +27,12 @@ from torch.nn import functional as F
 
 from charlm import __version__
 from charlm.checkpoint import CheckpointError, load_checkpoint, read_safetensors, save_checkpoint
-from charlm.device import resolve_device
+from charlm.corpora import CorpusSet, load_corpora
+from charlm.device import PRECISIONS, resolve_device, resolve_precision
 from charlm.exit_codes import input_errors
 from charlm.files import atomic_write
 from charlm.model import CharLSTM, ModelConfig, State
-from charlm.text import CorpusError, load_corpus, split_text
-from charlm.vocab import Vocab
+from charlm.typography import QUOTE_STYLES
 
 __all__ = [
     "TrainConfig", "TrainConfigError", "Option", "option_of", "field_types", "TrainResult", "ResumeError", "train",
@@ -72,6 +71,8 @@ class Option:
     flag: str | None = None  # the CLI flag, when it is not --field-name (e.g. --no-strip)
     metavar: str | None = None  # the CLI's name for the value in --help
     cli: bool = True  # False: a Python-only setting
+    choices: tuple[str, ...] | None = None  # the allowed values of a text setting
+    many: bool = False  # the CLI flag may be given more than once (a tuple of values)
 
     def describe(self) -> str:
         """The range in words: '>= 1', '> 0', 'in [0, 1)'."""
@@ -86,6 +87,8 @@ class Option:
 
     def problem(self, value: object, kind: type) -> str | None:
         """Why `value` is not allowed ('must be ..., got ...'), or None when it is."""
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             return f"must be a whole number, got {value!r}"
         if kind is float:
@@ -108,9 +111,10 @@ def _num(x: float) -> str:
 def _field(
     default: Any = MISSING, *, doc: str, low: float | None = None, high: float | None = None, low_open: bool = False,
     high_open: bool = False, flag: str | None = None, metavar: str | None = None, cli: bool = True,
+    choices: tuple[str, ...] | None = None, many: bool = False,
 ) -> Any:
     """A dataclass field carrying its Option (help text, range, CLI flag); the arguments are Option's."""
-    option = Option(doc, low, high, low_open, high_open, flag, metavar, cli)
+    option = Option(doc, low, high, low_open, high_open, flag, metavar, cli, choices, many)
     return field(default=default, metadata={"option": option})
 
 
@@ -139,7 +143,10 @@ class TrainConfig:
     """One training run. Each field's Option holds its help text and allowed range; `charlm train` takes
     its flags, defaults and checks from here, so a default or a range is changed in this class only."""
 
-    corpus: str = _field(doc="UTF-8 text file to train on (the CLI also takes an http(s):// URL, downloaded once)")
+    corpus: tuple[str, ...] = _field(
+        doc="UTF-8 text file, or a directory of *.txt files, to train on (the CLI also takes an http(s):// URL, "
+            "downloaded once); repeat it for several corpora: each keeps its own held-out tail", many=True,
+    )
     out: str = _field(doc="checkpoint path (.safetensors); the best model by held-out bpc is kept here, and "
                           "its .state.safetensors, .metrics.jsonl and .loss.png beside it")
     embed: int = _field(_model_default("embed"), doc="embedding width", low=1)
@@ -169,10 +176,16 @@ class TrainConfig:
     strip: bool = _field(True, doc="cut the Gutenberg licence header and footer (default); --no-strip keeps them",
                          flag="--no-strip")
     resume: bool = _field(False, doc="continue from the saved training state (<out>.state.safetensors)")
-    init_from: str | None = _field(None, doc="start from this checkpoint's weights (same corpus vocabulary and "
-                                             "sizes; new schedule)", metavar="CHECKPOINT")
-    corpus_name: str | None = _field(None, doc="what to record as the corpus (e.g. its URL); default: the file "
-                                               "name", cli=False)
+    init_from: str | None = _field(None, doc="start from this checkpoint's weights (same sizes; characters new "
+                                             "to this corpus get fresh rows; new schedule)", metavar="CHECKPOINT")
+    select_on: str | None = _field(None, doc="the corpus (file name) whose held-out bpc picks the best checkpoint; "
+                                             "default: the last one", metavar="NAME")
+    quotes: str = _field("keep", doc="straight quotes: keep them, or make them typographic (“ ” ‘ ’) by context",
+                         choices=QUOTE_STYLES)
+    precision: str = _field("auto", doc="auto (bf16 on a GPU that has it, else fp32), fp32, or bf16 (only where "
+                                        "the hardware has it natively)", choices=PRECISIONS)
+    corpus_names: tuple[str, ...] | None = _field(None, doc="what to record as each corpus's source (e.g. its "
+                                                            "URL); default: the paths", cli=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,6 +193,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Check every range and that no output would overwrite an input; raises TrainConfigError.
         Runs on construction and again when training starts (a config may be changed in between)."""
+        if isinstance(self.corpus, (str, Path)):  # one corpus, as Python callers often give it
+            self.corpus = (str(self.corpus),)
+        self.corpus = tuple(str(c) for c in self.corpus)
         types = field_types()
         for f in fields(self):
             option, value = option_of(f), getattr(self, f.name)
@@ -188,6 +204,10 @@ class TrainConfig:
             problem = option.problem(value, types[f.name])
             if problem:
                 raise TrainConfigError(f.name, f"{f.name} {problem}")
+        if not self.corpus:
+            raise TrainConfigError("corpus", "give at least one corpus")
+        if self.corpus_names is not None and len(self.corpus_names) != len(self.corpus):
+            raise TrainConfigError("corpus_names", "corpus_names must name each corpus once")
         if self.steps is None and self.time_budget is None:
             raise TrainConfigError("steps", "give steps or time_budget (or both)")
         if self.resume and self.init_from:
@@ -206,11 +226,12 @@ class TrainConfig:
                                           f"{out / 'model.safetensors'}")
         outputs = {"checkpoint": out, "training state": self.state_path, "metrics file": self.metrics_path,
                    "loss plot": self.plot_path}
-        inputs = {"corpus": Path(self.corpus)}
+        inputs = [("corpus", Path(c)) for c in self.corpus]
+        inputs += [("corpus", p) for c in map(Path, self.corpus) if c.is_dir() for p in c.glob("*.txt")]
         if self.init_from:
-            inputs["init_from checkpoint"] = Path(self.init_from)
+            inputs.append(("init_from checkpoint", Path(self.init_from)))
         for written, target in outputs.items():
-            for read, source in inputs.items():
+            for read, source in inputs:
                 if _same_file(target, source):
                     via = "" if written == "checkpoint" else f" (its {written} is {target})"
                     raise TrainConfigError("out", f"out {out} would overwrite the {read} {source}{via}; "
@@ -299,10 +320,6 @@ def _lr(cfg: TrainConfig, step: int, progress: float) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * warm * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _save_state(
@@ -415,6 +432,9 @@ def _plot(cfg: TrainConfig, rows: list[dict[str, Any]]) -> None:
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
+# The parameters with one row per character: the rest of the model does not depend on the vocabulary.
+_VOCAB_ROWS = ("embedding.weight", "fc.weight", "fc.bias")
+
 
 def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     """Train (or resume) and keep the best checkpoint by held-out bpc at `cfg.out`.
@@ -436,13 +456,12 @@ class _Trainer:
         self.metrics_warned = False
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.random_seed)
-        with input_errors(CorpusError, cfg.corpus, "UTF-8 text corpus"):
-            text = load_corpus(cfg.corpus, strip=cfg.strip)
-        self.train_text, self.val_text = split_text(text, cfg.val_fraction)
-        self.vocab = Vocab.from_text(text)
-        self.corpus_sha = sha256_text(text)
-        self.val_ids = self.vocab.encode(self.val_text)
-        self.streams = _Streams(self.vocab.encode(self.train_text), cfg.batch_size, cfg.seq_len, cfg.random_seed)
+        self.data: CorpusSet = load_corpora(cfg.corpus, cfg.val_fraction, cfg.strip, cfg.quotes, cfg.corpus_names)
+        self.selected = self.data.select(cfg.select_on)
+        self.vocab = self.data.vocab
+        self.corpus_sha = self.data.sha256
+        self.val_ids = self.data.val_ids()
+        self.streams = _Streams(self.data.train_ids(), cfg.batch_size, cfg.seq_len, cfg.random_seed)
         self.model_cfg = ModelConfig(len(self.vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
         self.model = CharLSTM(self.model_cfg).to(self.device)
         self.opt = torch.optim.AdamW(
@@ -461,25 +480,42 @@ class _Trainer:
             self.rewind_metrics()
         else:
             cfg.metrics_path.unlink(missing_ok=True)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        dtype = resolve_precision(cfg.precision, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        self.precision = "bf16" if dtype is not None else "fp32"
         self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"])
 
     def _start_from(self, path: str) -> dict[str, Any]:
-        """Load a trained checkpoint's weights (same vocabulary and sizes; dropout and schedule are
-        this run's) and return what the new checkpoint records about it."""
+        """Load a trained checkpoint's weights (same sizes; dropout and schedule are this run's) and return
+        what the new checkpoint records about it.
+
+        The vocabularies may differ (pretrain on a shelf, fine-tune on one book): a character in both
+        keeps its embedding and output rows, a character new to this corpus keeps its fresh rows, and
+        one only the old model knew is dropped.
+        """
         with input_errors(CheckpointError, path, "charlm checkpoint"):
             ckpt = load_checkpoint(path, self.device)
-        if ckpt.vocab.chars != self.vocab.chars:
-            raise ResumeError(f"cannot start from {path}: its vocabulary differs from this corpus's")
-        sizes = ("vocab_size", "embed", "hidden", "layers")
+        sizes = ("embed", "hidden", "layers")
         theirs, ours = ckpt.config.to_dict(), self.model_cfg.to_dict()
         if any(theirs[k] != ours[k] for k in sizes):
             raise ResumeError(
                 f"cannot start from {path}: its sizes {[theirs[k] for k in sizes]} differ from this run's "
-                f"{[ours[k] for k in sizes]} (vocab_size, embed, hidden, layers)"
+                f"{[ours[k] for k in sizes]} (embed, hidden, layers)"
             )
-        self.model.load_state_dict(ckpt.model.state_dict())
+        old, new = ckpt.vocab, self.vocab
+        shared = [c for c in new.chars if c in old]
+        state = {k: v for k, v in ckpt.model.state_dict().items() if k not in _VOCAB_ROWS}
+        fresh = self.model.state_dict()
+        with torch.no_grad():
+            to, frm = new.encode("".join(shared)).to(self.device), old.encode("".join(shared)).to(self.device)
+            for name in _VOCAB_ROWS:
+                rows = fresh[name].clone()
+                rows[to] = ckpt.model.state_dict()[name][frm]
+                state[name] = rows
+        self.model.load_state_dict(state)
         return {"checkpoint": Path(path).name, "config": theirs,
+                "vocabulary": {"kept": len(shared), "added": [c for c in new.chars if c not in old],
+                               "dropped": [c for c in old.chars if c not in new]},
                 **{k: ckpt.train.get(k) for k in ("steps", "seconds", "val_bpc", "hyperparameters", "init_from")}}
 
     def run(self) -> TrainResult:
@@ -552,19 +588,26 @@ class _Trainer:
         return max(fractions)
 
     def checkpoint(self) -> float:
-        """Evaluate; save the model if it is the best yet, and always the resume state and plot."""
+        """Evaluate every corpus's held-out tail; save the model if the selected corpus's bpc is the best yet,
+        and always the resume state and plot."""
         cfg, info = self.cfg, self.info
-        result = evaluate(self.model, self.val_ids)
-        if result["bpc"] < info["best_val_bpc"]:
-            info["best_val_bpc"] = result["bpc"]
+        results = [evaluate(self.model, ids) for ids in self.val_ids]
+        bpc = results[self.selected]["bpc"]
+        if bpc < info["best_val_bpc"]:
+            info["best_val_bpc"] = bpc
             info["best_step"] = info["step"]
             save_checkpoint(cfg.out, self.model, self.vocab, self.summary())
         state_info = {**info, "corpus_sha256": self.corpus_sha, "model": self.model_cfg.to_dict(),
                       "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
         _save_state(cfg, self.model, self.opt, self.carry, state_info)
-        self.log({"step": info["step"], "seconds": round(info["seconds"], 2), "val_bpc": result["bpc"]})
+        row: dict[str, Any] = {"step": info["step"], "seconds": round(info["seconds"], 2), "val_bpc": bpc}
+        if len(results) > 1:
+            nats = sum(r["nats"] * r["chars"] for r in results) / sum(r["chars"] for r in results)
+            row["val_bpc_all"] = nats / LN2
+            row["val_bpc_by_corpus"] = {name: r["bpc"] for name, r in zip(self.data.names, results)}
+        self.log(row)
         _plot(cfg, self.read_metrics())
-        return result["bpc"]
+        return bpc
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """This run's metrics rows; lines that are not JSON objects are left out, with one warning per run."""
@@ -595,17 +638,22 @@ class _Trainer:
         cfg, info = self.cfg, self.info
         hyper = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
                  "random_seed")
+        data = self.data
         return {
-            "corpus": cfg.corpus_name or Path(cfg.corpus).name,
+            "corpus": ", ".join(data.names),
             "corpus_sha256": self.corpus_sha,
+            "corpora": [c.record() for c in data.corpora],
+            "select_on": data.names[self.selected],
             "strip_gutenberg": cfg.strip,
+            "quotes": cfg.quotes,
             "val_fraction": cfg.val_fraction,
-            "train_chars": len(self.train_text),
-            "val_chars": len(self.val_text),
+            "train_chars": data.train_chars(),
+            "val_chars": sum(len(c.val) for c in data.corpora),
             "steps": info["step"],
-            "epochs": round(info["chars"] / len(self.train_text), 2),
+            "epochs": round(info["chars"] / data.train_chars(), 2),
             "seconds": round(info["seconds"], 1),
             "device": str(self.device),
+            "precision": self.precision,
             "val_bpc": round(info["best_val_bpc"], 4),
             "hyperparameters": {k: v for k, v in asdict(cfg).items() if k in hyper},
             "init_from": info["init_from"],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 __all__ = ["Vocab", "UnknownCharactersError"]
@@ -47,11 +49,24 @@ class Vocab:
         return sorted(set(text) - self._index.keys())
 
     def encode(self, text: str) -> torch.Tensor:
-        """Text → int64 tensor of ids; raises UnknownCharactersError naming what is missing."""
-        try:
-            return torch.tensor([self._index[c] for c in text], dtype=torch.long)
-        except KeyError:
-            raise UnknownCharactersError(self.unknown(text)) from None
+        """Text → int64 tensor of ids; raises UnknownCharactersError naming what is missing.
+
+        Vectorised (code points looked up in the sorted vocabulary with numpy): a Python loop over
+        characters took seconds for a shelf of books; this takes a small fraction of one.
+        """
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        sorted_codes, order = self._lookup
+        pos = np.searchsorted(sorted_codes, codes).clip(max=len(sorted_codes) - 1)
+        if not np.array_equal(sorted_codes[pos], codes):
+            raise UnknownCharactersError(self.unknown(text))
+        return torch.from_numpy(order[pos])
+
+    @functools.cached_property
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """The vocabulary's code points in ascending order, and each one's id (int64)."""
+        codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        order = np.argsort(codes, kind="stable")
+        return codes[order], order.astype(np.int64)
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):

@@ -14,12 +14,13 @@ import pytest
 from safetensors.torch import save
 
 from charlm import cli
-from charlm.checkpoint import CheckpointError
+from charlm.checkpoint import CheckpointError, load_checkpoint
 from charlm.cli import main
 from charlm.engine import DEFAULT_LENGTH, RequestError
 from charlm.exit_codes import exit_code, one_line
 from charlm.model import ModelConfig
 from charlm.train import TrainConfig
+from tests.conftest import make_corpus
 
 SMALL = ["--layers", "1", "--hidden", "16", "--embed", "8", "--seq-len", "16", "--batch-size", "4", "--device", "cpu"]
 
@@ -65,6 +66,30 @@ def test_train_command_writes_checkpoint(corpus_path: Path, tmp_path: Path,
                         "--eval-interval", "3", "--device", "cpu"], capsys)
     assert code == 0 and out.exists() and "best held-out" in err
     assert out.with_suffix(".metrics.jsonl").exists() and out.with_suffix(".loss.png").exists()
+
+
+def test_train_takes_several_corpora_and_eval_reads_text_as_the_model_was_trained(
+    corpus_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / "one.txt").write_text(make_corpus(400, seed=7).replace("The", '"The').replace(".", '."'))
+    out = tmp_path / "m.safetensors"
+    code, _, err = run(["train", "--corpus", str(shelf), "--corpus", str(corpus_path), "--out", str(out),
+                        "--quotes", "curly", "--select-on", "one", "--layers", "1", "--hidden", "16", "--embed", "8",
+                        "--seq-len", "16", "--batch-size", "4", "--steps", "4", "--eval-interval", "2",
+                        "--device", "cpu"], capsys)
+    assert code == 0, err
+    summary = load_checkpoint(out).train
+    assert [c["name"] for c in summary["corpora"]] == ["one.txt", corpus_path.name]
+    assert summary["select_on"] == "one.txt" and summary["quotes"] == "curly"
+    # The straight quotes of the shelf file are curled for eval too, as in training: no unknown characters.
+    code, result, err = run(["eval", "--checkpoint", str(out), "--corpus", str(shelf / "one.txt"),
+                             "--device", "cpu"], capsys)
+    assert code == 0 and json.loads(result)["bpc"] > 0, err
+    code, _, err = run(["train", "--corpus", str(corpus_path), "--out", str(out), "--steps", "2",
+                        "--quotes", "fancy"], capsys)
+    assert code == 2 and "--quotes" in err and "curly" in err
 
 
 @pytest.mark.parametrize(
@@ -138,7 +163,7 @@ def test_train_refuses_out_of_range_numbers_naming_the_option(
 def test_train_flag_defaults_are_trainconfig_defaults() -> None:
     args = cli._parser(["train"]).parse_args(["train", "--corpus", "c.txt", "--out", "m.safetensors"])
     for f in fields(TrainConfig):
-        if f.default is not MISSING and f.name != "corpus_name":
+        if f.default is not MISSING and f.name != "corpus_names":
             assert getattr(args, f.name) == f.default, f.name
     model = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
     assert {k: getattr(args, k) for k in model} == model
@@ -283,7 +308,7 @@ def test_crashes_while_loading_inputs_end_in_one_line(error: type[BaseException]
         raise error("deep\ninside")
 
     target = {"generate": "charlm.checkpoint.load_checkpoint", "eval": "charlm.text.load_corpus",
-              "train": "charlm.train.load_corpus"}[command]
+              "train": "charlm.corpora.load_corpus"}[command]
     monkeypatch.setattr(target, crash)
     ckpt, corpus = str(tiny_checkpoint_path), str(corpus_path)
     argv = {

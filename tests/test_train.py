@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import charlm.device
 import charlm.train
 from charlm.checkpoint import Checkpoint, load_checkpoint, read_safetensors
 from charlm.corpus_source import fetch_corpus
 from charlm.device import resolve_device
 from charlm.model import ModelConfig
 from charlm.text import load_corpus, split_text
-from charlm.train import ResumeError, TrainConfig, TrainConfigError, evaluate, train
+from charlm.train import ResumeError, TrainConfig, TrainConfigError, _Trainer, evaluate, train
 from tests.conftest import make_corpus, tiny_config
 
 
@@ -107,18 +108,98 @@ def test_init_from_starts_at_the_checkpoint_and_records_it(
     assert load_checkpoint(out).config.dropout == 0.3
 
 
-def test_init_from_refuses_other_sizes_or_vocabulary(
-    tiny_checkpoint_path: Path, corpus_path: Path, tmp_path: Path
-) -> None:
+def test_init_from_refuses_other_sizes(tiny_checkpoint_path: Path, corpus_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     with pytest.raises(ResumeError, match="sizes"):
         train(tiny_config(corpus_path, out, steps=1, hidden=24, init_from=str(tiny_checkpoint_path)))
-    other = tmp_path / "other.txt"
-    other.write_text(make_corpus() + "Zebra quartz jukebox!\n")
-    with pytest.raises(ResumeError, match="vocabulary"):
-        train(tiny_config(other, out, steps=1, init_from=str(tiny_checkpoint_path)))
     with pytest.raises(ValueError, match="not both"):
         tiny_config(corpus_path, out, steps=1, resume=True, init_from=str(tiny_checkpoint_path))
+
+
+def test_init_from_across_vocabularies_keeps_the_shared_rows(tiny: Checkpoint, tiny_checkpoint_path: Path,
+                                                             tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"  # new characters (Z, q, j, x, k, z) and none of the old ones dropped
+    other.write_text(make_corpus(seed=3) + "Zebra quartz jukebox!\n")
+    out = tmp_path / "m.safetensors"
+    trainer = _Trainer(tiny_config(other, out, steps=1, init_from=str(tiny_checkpoint_path)), None)
+    old, new = tiny.vocab, trainer.vocab
+    added = [c for c in new.chars if c not in old]
+    assert added and set(added) <= set("Zebra quartz jukebox!") and all(c in new for c in old.chars)
+    theirs, ours = tiny.model.state_dict(), trainer.model.state_dict()
+    for c in old.chars:  # every shared character keeps its embedding and output rows
+        i, j = old.encode(c).item(), new.encode(c).item()
+        for name in ("embedding.weight", "fc.weight", "fc.bias"):
+            assert torch.equal(ours[name][j], theirs[name][i]), (c, name)
+    fresh = {new.encode(c).item() for c in added}
+    assert all(not torch.equal(ours["fc.weight"][j], torch.zeros_like(ours["fc.weight"][j])) for j in fresh)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith("lstm."))
+    assert trainer.info["init_from"]["vocabulary"]["added"] == added
+    result = trainer.run()  # and it trains and records where its vocabulary came from
+    assert load_checkpoint(out).train["init_from"]["vocabulary"]["kept"] == len(old)
+    assert result.step == 1
+
+
+def test_several_corpora_each_keep_their_held_out_tail(tmp_path: Path) -> None:
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / "b.txt").write_text(make_corpus(600, seed=1))
+    (shelf / "a.txt").write_text(make_corpus(600, seed=2))
+    target = tmp_path / "target.txt"
+    target.write_text(make_corpus(900, seed=4))
+    out = tmp_path / "m.safetensors"
+    cfg = tiny_config(str(shelf), out, steps=20, eval_interval=10)
+    cfg = TrainConfig(**{**cfg.__dict__, "corpus": (str(shelf), str(target))})
+    trainer = _Trainer(cfg, None)
+    data = trainer.data
+    assert data.names == ["a.txt", "b.txt", "target.txt"]  # a directory's files in name order, then the rest
+    for corpus, path in zip(data.corpora, [shelf / "a.txt", shelf / "b.txt", target]):
+        train_part, val_part = split_text(load_corpus(path), 0.1)
+        assert (corpus.train, corpus.val) == (train_part, val_part)
+    # The training stream is the training parts only: no held-out character of any corpus is in it.
+    assert torch.equal(trainer.streams.ids, torch.cat([data.vocab.encode(c.train) for c in data.corpora]))
+    result = trainer.run()
+    rows = [json.loads(line) for line in cfg.metrics_path.read_text().splitlines()]
+    evals = [r for r in rows if "val_bpc" in r]
+    assert evals and all(set(r["val_bpc_by_corpus"]) == set(data.names) for r in evals)
+    assert all(r["val_bpc"] == r["val_bpc_by_corpus"]["target.txt"] for r in evals)  # the last corpus picks
+    assert min(r["val_bpc"] for r in evals) == pytest.approx(result.best_val_bpc)
+    summary = load_checkpoint(out).train
+    assert summary["select_on"] == "target.txt"
+    assert [c["name"] for c in summary["corpora"]] == data.names
+    assert all(c["sha256"] and c["train_chars"] > c["val_chars"] > 0 for c in summary["corpora"])
+
+
+def test_select_on_names_a_corpus(corpus_path: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second.txt"
+    second.write_text(make_corpus(900, seed=5))
+    base = tiny_config(corpus_path, tmp_path / "m.safetensors", steps=10, eval_interval=10)
+    cfg = TrainConfig(**{**base.__dict__, "corpus": (str(corpus_path), str(second)), "select_on": corpus_path.stem})
+    result = train(cfg)
+    assert result.summary["select_on"] == corpus_path.name
+    cfg = TrainConfig(**{**cfg.__dict__, "select_on": "missing"})
+    with pytest.raises(ValueError, match="names no corpus.*tiny.txt, second.txt"):
+        train(cfg)
+
+
+def test_curly_quotes_and_italics_reach_the_vocabulary(tmp_path: Path) -> None:
+    corpus = tmp_path / "straight.txt"
+    corpus.write_text((make_corpus(900) + ' "It\'s _there_," he said. ') * 2)
+    trainer = _Trainer(tiny_config(corpus, tmp_path / "m.safetensors", steps=1, quotes="curly"), None)
+    assert {"“", "”", "’"} <= set(trainer.vocab.chars) and not {'"', "'", "_"} & set(trainer.vocab.chars)
+    assert trainer.summary()["quotes"] == "curly"
+    with pytest.raises(TrainConfigError, match="quotes must be one of keep, curly"):
+        tiny_config(corpus, tmp_path / "m.safetensors", steps=1, quotes="fancy")
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(corpus_path: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(charlm.device, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.raises(ValueError, match="bf16 is not native on this CPU"):
+        train(tiny_config(corpus_path, tmp_path / "m.safetensors", steps=1, precision="bf16"))
+    assert charlm.device.resolve_precision("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(charlm.device, "cpu_flags", lambda: {"avx512_bf16"})
+    result = train(tiny_config(corpus_path, tmp_path / "m.safetensors", steps=2, precision="bf16"))
+    assert result.summary["precision"] == "bf16"
 
 
 def test_url_corpus_is_downloaded_once(corpus_path: Path, tmp_path: Path) -> None:
