@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -10,7 +13,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
-from charlm.engine import Engine
+from charlm.engine import Engine, Handle
 
 _bearer = HTTPBearer(auto_error=False, description="needed only when the server sets CHARLM_API_KEY")
 
@@ -55,3 +58,29 @@ def ready_engine(request: Request) -> Engine:
 
 EngineDep = Annotated[Engine, Depends(ready_engine)]
 Authorized = Depends(require_api_key)
+
+
+def served_model_id(request: Request) -> str:
+    """The id clients name the served model by (OpenAI's `model`): the checkpoint file's stem."""
+    return Path(request.app.state.settings.checkpoint).stem
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def cancel_on_disconnect(request: Request, handles: Sequence[Handle[Any]]) -> asyncio.Future[None]:
+    """Watch the connection and cancel `handles` the moment the client goes: queued requests leave
+    the queue, running ones their rows, without waiting for the next write to fail. Cancel the
+    returned watcher when the response is complete."""
+
+    def gone(watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled():
+            watcher.exception()  # a broken connection counts as gone, too
+            for handle in handles:
+                handle.cancel()
+
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    watcher.add_done_callback(gone)
+    return watcher

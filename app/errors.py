@@ -1,4 +1,7 @@
-"""One JSON error shape for every error: {"error": {"type", "message", "details"}}.
+"""Error responses. The native routes share one shape, {"error": {"type", "message", "details"}};
+the OpenAI-compatible routes under /v1 answer in OpenAI's, {"error": {"message", "type", "param",
+"code"}}, so that OpenAI's clients raise their usual exceptions (422 becomes 400 there, as OpenAI
+answers a bad parameter).
 
 Client input is never echoed back in full: validation details name the field and the rule only.
 """
@@ -12,6 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from charlm.engine import RequestError
+from charlm.sampling import InvalidParameter
+
 _TYPES = {
     400: "bad_request",
     401: "unauthorized",
@@ -24,19 +30,73 @@ _TYPES = {
     503: "not_ready",
 }
 
+# OpenAI's (type, code) for each status the service answers on /v1.
+_OPENAI_TYPES: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "queue_full"),
+    500: ("server_error", None),
+    503: ("server_error", "not_ready"),
+}
+
+# A 422 names at most this many unknown characters (and says how many there were).
+MAX_NAMED_CHARS = 20
+
+OPENAI_PREFIX = "/v1"
+
 
 class ApiError(Exception):
-    """Raised by handlers for an error response in the common shape."""
+    """Raised by handlers for an error response in the shape of the route it was raised on. `param`
+    and `code` fill OpenAI's fields on /v1 (the native shape names the field in `details`)."""
 
     def __init__(self, status: int, message: str, details: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None, code: str | None = None):
         self.status, self.message, self.details, self.headers = status, message, details or [], headers
+        self.param, self.code = param, code
+
+
+def is_openai_path(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
 
 
 def error_response(status: int, message: str, details: list[dict[str, Any]] | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"type": _TYPES.get(status, "error"), "message": message, "details": details or []}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None
+                      ) -> dict[str, Any]:
+    """OpenAI's error object for a status (its type, and a default code where the status implies one)."""
+    kind, default_code = _OPENAI_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error",
+                                                    None))
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+
+
+def openai_error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                          headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error shape; a 422 is answered as 400, the status OpenAI gives an invalid parameter."""
+    status = 400 if status == 422 else status
+    return JSONResponse(openai_error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def error_response_for(path: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error with no field to name, in the shape of the route at `path`."""
+    if is_openai_path(path):
+        return openai_error_response(status, message, headers=headers)
+    return error_response(status, message, headers=headers)
+
+
+def request_error_detail(exc: InvalidParameter) -> dict[str, Any]:
+    """The field and the rule; unknown characters named, but never more than MAX_NAMED_CHARS."""
+    detail: dict[str, Any] = {"field": exc.field, "type": "value_error", "message": exc.message}
+    if isinstance(exc, RequestError) and exc.chars:
+        detail["unknown_characters"] = exc.chars[:MAX_NAMED_CHARS]
+        detail["unknown_count"] = len(exc.chars)
+    return detail
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -56,9 +116,46 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return details
 
 
+def _openai_param(err: dict[str, Any]) -> str | None:
+    """The request parameter an error is about: the first key of its location in the body."""
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    return str(loc[0]) if loc and isinstance(loc[0], str) else None
+
+
+def openai_validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One message for OpenAI's shape, naming the parameter and the rule (never the value), and the
+    parameter itself; further errors are counted and named."""
+    if not errors:
+        return "invalid request", None
+    param = _openai_param(errors[0])
+    # A value checked against several types (prompt, stop) fails each: the rule of the type it has
+    # (a list too long) says more than "not a string".
+    same = [e for e in errors if _openai_param(e) == param]
+    first = next((e for e in same if not str(e.get("type", "")).endswith("_type")), same[0])
+    kind = first.get("type")
+    if kind == "extra_forbidden" and param:
+        message = f"Unrecognized request argument supplied: {param}"
+    elif kind == "missing" and param:
+        message = f"Missing required parameter: '{param}'"
+    elif kind == "json_invalid":
+        message = ("We could not parse the JSON body of your request: send a JSON object "
+                   "(Content-Type: application/json)")
+    elif param:
+        message = f"Invalid value for '{param}': {first.get('msg')}"
+    else:
+        message = f"Invalid request body: {first.get('msg')}"
+    others = sorted({p for p in map(_openai_param, errors[1:]) if p and p != param})
+    if others:
+        message += f" (also invalid: {', '.join(others[:10])})"
+    return message, param
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if is_openai_path(request.url.path):
+            param = exc.param or (exc.details[0].get("field") if exc.details else None)
+            return openai_error_response(exc.status, exc.message, param, exc.code, exc.headers)
         return error_response(exc.status, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -68,15 +165,25 @@ def install(app: FastAPI) -> None:
         try:
             await check_api_key_first(request)
         except ApiError as denied:
-            return error_response(denied.status, denied.message, headers=denied.headers)
-        details = validation_details(list(exc.errors()))
+            return await _api_error(request, ApiError(denied.status, denied.message, headers=denied.headers))
+        errors = list(exc.errors())
+        if is_openai_path(request.url.path):
+            message, param = openai_validation_message(errors)
+            return openai_error_response(400, message, param)
+        details = validation_details(errors)
         fields = ", ".join(sorted({d["field"] for d in details}))
         return error_response(422, f"invalid request: {fields}", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if is_openai_path(request.url.path):
+            message = str(exc.detail)
+            if exc.status_code == 404:
+                message = f"Invalid URL ({request.method} {request.url.path}): no such route"
+            return openai_error_response(exc.status_code, message, headers=headers)
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response_for(request.url.path, 500, f"internal error: {type(exc).__name__}")

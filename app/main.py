@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors
 from app.metrics import Metrics
-from app.routes import docs, generate, health, metrics
+from app.routes import docs, generate, health, metrics, openai, playground, score
 from app.settings import Settings
 from charlm import __version__
 from charlm.checkpoint import Checkpoint, load_checkpoint
@@ -94,7 +94,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        response = errors.error_response(413, f"request body over the limit of {self.max_bytes} bytes")
+        message = f"request body over the limit of {self.max_bytes} bytes"
+        response = errors.error_response_for(scope["path"], 413, message)  # OpenAI's shape on /v1
         await response(scope, _disconnected, send)
 
 
@@ -143,7 +144,7 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
     app.state.engine, app.state.ready, app.state.draining = None, False, False
     app.state.metrics = Metrics(lambda: app.state.engine)
     errors.install(app)
-    for module in (generate, health, metrics, docs):
+    for module in (generate, score, openai, health, metrics, docs, playground):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -154,9 +155,14 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, without the Bearer requirement when the server has no API key (the page
-    would otherwise ask for a token that nothing checks)."""
+    would otherwise ask for a token that nothing checks), and without FastAPI's 422 on /v1, which
+    answers invalid requests with OpenAI's 400."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
+        for path, operations in schema["paths"].items():
+            if errors.is_openai_path(path):
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
         if app.state.settings.api_key is None:
             schema.get("components", {}).pop("securitySchemes", None)
             for operations in schema["paths"].values():

@@ -29,6 +29,8 @@ class _EngineCollector(Collector):
                                   value=engine.stats.cancelled)
         yield CounterMetricFamily("charlm_timeouts", "generations ended by the request timeout",
                                   value=engine.stats.timeouts)
+        yield CounterMetricFamily("charlm_scored_texts", "texts scored (POST /score, echo with logprobs)",
+                                  value=engine.stats.scored)
         yield CounterMetricFamily("charlm_decode_rows", "rows decoded, summed over steps (÷ steps = mean batch)",
                                   value=engine.stats.batch_rows)
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from charlm.engine import DEFAULT_LENGTH, EngineLimits
+from charlm.engine import DEFAULT_LENGTH, MAX_LOGPROBS, EngineLimits
 from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, MAX_TOP_K
 
 _LIMITS = EngineLimits()  # the per-request rules that do not depend on the server's settings
@@ -64,6 +64,57 @@ class GenerateResponse(BaseModel):
     random_seed: int
     usage: Usage
     timings: Timings
+
+
+class ScoreRequest(BaseModel):
+    """A text to score; numbers are strict, as everywhere."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"text": "The engineer looked at the sea.", "top_k": 3}]},
+    )
+
+    text: str = Field(min_length=2, description="the text to score: at least 2 characters (the first is the context "
+                      "the second is predicted from), at most max_score_chars on /info, all in the vocabulary")
+    top_k: int = Field(0, ge=0, le=MAX_LOGPROBS, strict=True,
+                       description="the most likely alternatives listed for each character")
+    per_char: bool = Field(True, strict=True, description="list every character with its log-probability "
+                           "(false: only the totals)")
+
+
+class TopChar(BaseModel):
+    char: str
+    logprob: float
+
+
+class CharScore(BaseModel):
+    char: str
+    logprob: float | None = Field(description="natural log of the probability the model gave this character "
+                                  "after the ones before it; null for the first, which nothing predicts")
+    top: list[TopChar] = Field(description="the top_k most likely characters at this position, most likely first")
+
+
+class ScoreTimings(BaseModel):
+    queue_ms: float
+    score_ms: float
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "bits_per_char": 2.31, "chars": 2, "logprob": -3.2021,
+        "per_char": [
+            {"char": "T", "logprob": None, "top": []},
+            {"char": "h", "logprob": -0.8512, "top": [{"char": "h", "logprob": -0.8512}]},
+            {"char": "e", "logprob": -2.3509, "top": [{"char": "o", "logprob": -0.4197}]},
+        ],
+        "timings": {"queue_ms": 0.2, "score_ms": 3.1},
+    }]})
+
+    bits_per_char: float = Field(description="-logprob / chars / ln 2: what `charlm eval` reports as bpc")
+    chars: int = Field(description="characters predicted: all but the first")
+    logprob: float = Field(description="their summed log-probability, in nats")
+    per_char: list[CharScore] | None = Field(description="every character of the text, in order (with per_char)")
+    timings: ScoreTimings
 
 
 class ErrorBody(BaseModel):

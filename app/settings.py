@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_length: int = Field(_LIMITS.max_length, ge=1, description="characters generated per request, at most")
     max_seed_chars: int = Field(_LIMITS.max_seed_chars, ge=1, description="characters of seed text per request")
+    max_score_chars: int = Field(_LIMITS.max_score_chars, ge=2, description="characters of text per POST /score")
     max_batch: int = Field(_LIMITS.max_batch, ge=1, le=1024, description="requests decoded together in one step")
     max_queue: int = Field(_LIMITS.max_queue, ge=1, description="requests waiting before new ones get 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds a request may take before it ends")
@@ -52,4 +53,10 @@ class Settings(BaseSettings):
 
     def limits(self) -> EngineLimits:
         return EngineLimits(max_length=self.max_length, max_seed_chars=self.max_seed_chars,
-                            max_batch=self.max_batch, max_queue=self.max_queue)
+                            max_batch=self.max_batch, max_queue=self.max_queue, max_score_chars=self.max_score_chars)
+
+    @property
+    def max_choices(self) -> int:
+        """Choices one /v1/completions request may ask for (prompts x n): all of them can wait in the
+        queue together and decode together."""
+        return min(self.max_batch, self.max_queue)

@@ -3,7 +3,7 @@
 Prints seconds per stage for every *.txt under the given folders plus the default corpus, and the
 encoding stage against a Python loop over characters (what Vocab.encode did before), same run.
 
-    python -m benchmarks.data_loading [FOLDER ...]      (default: ../shared/data/verne if present)
+    python -m benchmarks.data_loading [FOLDER ...]      (e.g. the folder of the ten Verne novels, see models/README.md)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from benchmarks.common import CORPUS, ROOT, median
+from benchmarks.common import CORPUS, median
 from charlm.corpora import load_corpora
 
 
@@ -23,8 +23,7 @@ def python_loop_encode(index: dict[str, int], text: str) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="*", default=[str(p) for p in [ROOT.parent / "shared/data/verne"]
-                                                        if p.is_dir()])
+    parser.add_argument("folders", nargs="*", help="folders of *.txt books, read before the default corpus")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sources = [*args.folders, str(CORPUS)]

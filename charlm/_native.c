@@ -297,12 +297,25 @@ static void sort_keys(uint64_t *keys, uint64_t *tmp, int n) {
   }
 }
 
+/* Greedy decoding (top_k 1): the id that sorts first, the largest z with ties to the lowest id, found
+ * in one pass instead of a sort. It compares the same keys as the sort, so it is the same id. */
+static int64_t argmax_one(const float *logits, int vocab, float scale) {
+  uint64_t best = sort_key(logits[0] * scale, 0);
+  for (int v = 1; v < vocab; v++) {
+    uint64_t key = sort_key(logits[v] * scale, v);
+    if (key < best) best = key;
+  }
+  return (uint32_t)best;
+}
+
 /* One id from logits (vocab floats), as charlm.sampling.sample_rows draws it: z = logits * scale
  * (in float), softmax in double over z sorted high to low, keep the top_k most likely whose
  * preceding mass is below top_p, and take the first whose cumulative mass exceeds u times the kept
- * total. top_k >= vocab and top_p > 1 turn those filters off. `work` holds 4 * vocab doubles. */
+ * total. top_k >= vocab and top_p > 1 turn those filters off; top_k 1 is greedy (u is not used).
+ * `work` holds 4 * vocab doubles. */
 static int64_t sample_one(const float *logits, int vocab, float scale, int top_k, double top_p, double u,
                           double *work) {
+  if (top_k == 1) return argmax_one(logits, vocab, scale);
   uint64_t *keys = (uint64_t *)work, *tmp = keys + vocab;
   double *probs = work + 2 * vocab, *cdf = work + 3 * vocab;
   for (int v = 0; v < vocab; v++) keys[v] = sort_key(logits[v] * scale, v);

@@ -1,4 +1,4 @@
-"""Logits → next character: scale_factor, top-k, top-p, and each request's own random stream.
+"""Logits → next character: scale_factor, top-k, top-p, greedy, and each request's own random stream.
 
 Every function works on a batch of rows with per-row settings, and every row's result depends only
 on that row: a request samples the same characters alone or among others.
@@ -57,6 +57,9 @@ class SamplingParams:
     scale_factor: float = 1.0  # multiplies the logits (1/temperature): > 1 more predictable, < 1 more random
     top_k: int | None = None  # keep only the k most likely characters
     top_p: float | None = None  # keep the smallest most-likely set whose probability reaches p
+    # Always the most likely character (argmax; ties go to the lowest id), with no randomness: OpenAI's
+    # temperature 0. The other three settings then change nothing.
+    greedy: bool = False
 
     def __post_init__(self) -> None:
         scale = self.scale_factor
@@ -71,14 +74,25 @@ class SamplingParams:
             raise InvalidParameter("top_k", f"must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise InvalidParameter("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.greedy, bool):
+            raise InvalidParameter("greedy", f"must be true or false, got {type(self.greedy).__name__}")
 
     def top_k_for(self, vocab_size: int) -> int:
-        """top_k as the samplers take it: at most the vocabulary size, which means no filter."""
+        """top_k as the samplers take it: at most the vocabulary size, which means no filter; 1 when
+        greedy, which both samplers read as argmax (the first of the stable sort: ties to the lowest id)."""
+        if self.greedy:
+            return 1
         return vocab_size if self.top_k is None else min(self.top_k, vocab_size)
 
     @property
     def top_p_or_off(self) -> float:
-        return TOP_P_OFF if self.top_p is None else self.top_p
+        return TOP_P_OFF if self.top_p is None or self.greedy else self.top_p
+
+    @property
+    def sampler_scale(self) -> float:
+        """scale_factor as the samplers take it: 1 when greedy, so that rounding of the scaled logits
+        can never turn two close logits into a tie and the pick is the argmax of the logits themselves."""
+        return 1.0 if self.greedy else float(self.scale_factor)
 
 
 class RowSampler:
@@ -103,9 +117,12 @@ def sample_rows(
 
     scale (rows,) float; top_k (rows,) int (vocab size = off); top_p (rows,) float (> 1 = off);
     uniforms (rows,) in [0, 1). Sorting is stable, so ties break by id, deterministically.
+    top_k 1 is greedy decoding: the first id of that order, whatever the uniform.
     The engine's native sampler (charlm_sample in _native.c) draws the same ids; a test holds it to that.
     """
     z = (logits.float() * scale[:, None].float()).double()
+    if bool((top_k == 1).all()):  # all greedy: argmax returns the first maximum, as the stable sort does
+        return z.argmax(1)
     z_sorted, order = torch.sort(z, dim=1, descending=True, stable=True)
     probs = torch.softmax(z_sorted, dim=1)
     cdf = probs.cumsum(1)

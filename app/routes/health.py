@@ -10,6 +10,7 @@ from app.deps import Authorized, not_ready_reason
 from app.errors import error_response
 from app.schemas import ERROR_RESPONSES
 from charlm import __version__
+from charlm.engine import MAX_LOGPROBS
 from charlm.sampling import MAX_SCALE_FACTOR, MAX_TOP_K
 
 router = APIRouter(tags=["service"])
@@ -52,6 +53,9 @@ async def info(request: Request) -> dict[str, Any]:
             "max_queue": settings.max_queue,
             "max_stop": state.engine.limits.max_stop,
             "max_stop_chars": state.engine.limits.max_stop_chars,
+            "max_score_chars": settings.max_score_chars,
+            "max_logprobs": MAX_LOGPROBS,
+            "max_choices": settings.max_choices,
             "max_scale_factor": MAX_SCALE_FACTOR,
             "max_top_k": MAX_TOP_K,
             "request_timeout_s": settings.request_timeout,

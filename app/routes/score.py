@@ -1,0 +1,77 @@
+"""POST /score: how likely the model finds a given text, character by character."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app.deps import Authorized, EngineDep, cancel_on_disconnect
+from app.errors import ApiError, request_error_detail
+from app.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
+from charlm.engine import (
+    EngineClosedError,
+    GenerationFailed,
+    QueueFullError,
+    ScoreResult,
+    Scoring,
+    ScoringStopped,
+)
+from charlm.engine import ScoreRequest as ScoreJob
+from charlm.sampling import InvalidParameter
+
+router = APIRouter(tags=["score"], dependencies=[Authorized], responses=ERROR_RESPONSES)
+
+SHUT_DOWN = "the server shut down before this request finished; retry on another replica or later"
+
+
+def submit_score(engine: EngineDep, request: Request, text: str, top_k: int) -> Scoring:
+    """Queue a scoring job; refusals as ApiError (the field named, unknown characters listed but capped)."""
+    metrics = request.app.state.metrics
+    try:
+        return engine.score(ScoreJob(text, top_k, timeout=request.app.state.settings.request_timeout))
+    except InvalidParameter as exc:
+        metrics.rejections.labels("invalid").inc()
+        raise ApiError(422, f"invalid request: {exc.field}: {exc.message}", [request_error_detail(exc)],
+                       param=exc.field) from None
+    except QueueFullError as exc:
+        metrics.rejections.labels("queue_full").inc()
+        raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
+    except EngineClosedError as exc:
+        metrics.rejections.labels("shutting_down").inc()
+        raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
+
+
+async def scored(request: Request, scoring: Scoring) -> ScoreResult:
+    """Wait for a scoring job, cancelling it if the client goes; engine outcomes as ApiError."""
+    watcher = cancel_on_disconnect(request, [scoring])
+    try:
+        return await scoring.wait()
+    except ScoringStopped as exc:
+        timeout = request.app.state.settings.request_timeout
+        raise ApiError(503, f"scoring did not finish within the request timeout of {timeout:g} s "
+                       f"({exc.reason}); score a shorter text", headers={"Retry-After": "1"}) from None
+    except GenerationFailed as exc:
+        raise ApiError(500, f"scoring failed: {exc}") from None
+    except EngineClosedError:
+        raise ApiError(503, SHUT_DOWN, headers={"Retry-After": "1"}) from None
+    finally:
+        watcher.cancel()
+        scoring.cancel()  # no-op when finished; frees the engine's work if this handler was cancelled
+
+
+@router.post("/score", response_model=ScoreResponse, summary="Score a text: bits per character and per-character "
+             "log-probabilities")
+async def score(body: ScoreRequest, request: Request, engine: EngineDep) -> JSONResponse:
+    """Each character after the first, predicted from all the characters before it, with the state
+    carried over the whole text, as `charlm eval` computes held-out bpc (and with the same result).
+    The first character is context only: the model has no start-of-text token to predict it from.
+    Long texts are scored in chunks between other requests' decode steps, so they never stall them."""
+    result = await scored(request, submit_score(engine, request, body.text, body.top_k))
+    per_char = None
+    if body.per_char:  # plain dicts: a model object per character would cost more than the scoring's chunks
+        per_char = [{"char": e.char, "logprob": e.logprob, "top": [{"char": c, "logprob": lp} for c, lp in e.top]}
+                    for e in result.per_char]
+    return JSONResponse({
+        "bits_per_char": result.bits_per_char, "chars": result.chars, "logprob": result.logprob, "per_char": per_char,
+        "timings": {"queue_ms": result.queue_ms, "score_ms": result.score_ms},
+    })

@@ -1,0 +1,420 @@
+// The charlm playground: plain JavaScript with no build step and no third-party code, so the page
+// works offline and anyone can read what it sends.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "charlm.apiKey";
+const JSON_HEADERS = { "Content-Type": "application/json" };
+
+let limits = null; // the server's limits, from /info
+let running = null; // the AbortController of the generation in progress, if any
+
+// ---------------------------------------------------------------- requests and errors
+
+// An error whose message is written for the person at the page, shown as it is.
+class UserError extends Error {}
+
+const messageOf = (err) => (err instanceof UserError ? err.message : `Cannot reach the server: ${err.message}`);
+
+// The key lives in sessionStorage: it survives reloads of this tab, and goes with the tab.
+const storedKey = () => sessionStorage.getItem(KEY_STORAGE);
+
+// fetch() with the API key. A 401 means the server wants a key (or refused ours): ask for one, then
+// send the request again. `init.body` is always a string, so it can be sent twice.
+async function api(path, init = {}) {
+  for (;;) {
+    const headers = new Headers(init.headers);
+    const key = storedKey();
+    if (key) headers.set("Authorization", `Bearer ${key}`);
+    const response = await fetch(path, { ...init, headers });
+    if (response.status !== 401) return response;
+    sessionStorage.removeItem(KEY_STORAGE);
+    await askForKey(key ? "The server refused that key; enter the right one." : "");
+  }
+}
+
+// One dialog, however many requests are waiting for the key.
+let keyPrompt = null;
+
+function askForKey(message) {
+  keyPrompt ||= new Promise((resolve, reject) => {
+    const dialog = $("key-dialog");
+    const input = $("api-key");
+    $("key-error").textContent = message;
+    $("key-error").hidden = !message;
+    input.value = "";
+    const finish = (settle) => {
+      $("key-form").onsubmit = dialog.oncancel = null;
+      keyPrompt = null;
+      settle();
+    };
+    $("key-form").onsubmit = (event) => {
+      event.preventDefault();
+      const key = input.value.trim();
+      if (!key) return;
+      sessionStorage.setItem(KEY_STORAGE, key);
+      dialog.close();
+      finish(resolve);
+    };
+    const refusal = new UserError("This server needs an API key: reload the page to enter it.");
+    dialog.oncancel = () => finish(() => reject(refusal));
+    dialog.showModal();
+    input.focus();
+  });
+  return keyPrompt;
+}
+
+// The error in the service's shape ({"error": {"type", "message", "details"}}), said plainly.
+async function errorMessage(response) {
+  let error = {};
+  try {
+    error = (await response.json()).error || {};
+  } catch {
+    // not JSON (a proxy's page, say): the status line is all there is
+  }
+  const message = error.message || `${response.status} ${response.statusText}`;
+  const retryAfter = response.headers.get("Retry-After") || "a few";
+  switch (response.status) {
+    case 422: {
+      // The details name each field and rule (and unknown characters); the message only the fields.
+      const reasons = error.details?.length ? error.details.map(describeDetail) : [message];
+      return ["The server refused the request:", ...reasons].join("\n");
+    }
+    case 429:
+      return `The server is busy: ${message}. Retry after ${retryAfter} s.`;
+    case 503:
+      return `The server is not ready (${message}). Retry after ${retryAfter} s.`;
+    default:
+      return `Error ${response.status}: ${message}`;
+  }
+}
+
+function describeDetail(detail) {
+  if (detail.unknown_characters) {
+    const names = detail.unknown_characters.map(charName).join(", ");
+    const shown = detail.unknown_characters.length;
+    const more = detail.unknown_count > shown ? ` (the first ${shown} of ${detail.unknown_count})` : "";
+    return `${detail.field}: unknown characters ${names}${more}. `
+      + "The model knows only the characters of its training text.";
+  }
+  return `${detail.field}: ${detail.message}`;
+}
+
+// A character named so that it can be seen and told apart: “é” (U+00E9), newline, space, …
+function charName(char) {
+  const names = { "\n": "newline", "\r": "carriage return", "\t": "tab", " ": "space" };
+  if (names[char]) return names[char];
+  const code = char.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+  return `“${char}” (U+${code})`;
+}
+
+function showError(id, message) {
+  $(id).textContent = message;
+  $(id).hidden = !message;
+}
+
+// Server-Sent Events over fetch (EventSource can neither POST a body nor send a header). An event
+// is a block of lines ending in a blank line: `event:` names it, `data:` holds JSON, and a line
+// starting with ":" is a keep-alive comment.
+async function* serverEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer = (buffer + value).replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) !== -1) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon === -1 ? line : line.slice(0, colon);
+        const text = colon === -1 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") event = text;
+        else if (field === "data") data.push(text);
+      }
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+    }
+  }
+}
+
+// ---------------------------------------------------------------- generate
+
+const numberOrNull = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
+
+// The request body for the current settings; optional fields are left out when empty.
+function generateBody() {
+  const body = {
+    seed: $("seed").value,
+    length: Number($("length").value),
+    scale_factor: Number($("scale-factor").value),
+  };
+  for (const [field, id] of [["top_k", "top-k"], ["top_p", "top-p"], ["random_seed", "random-seed"]]) {
+    const value = numberOrNull(id);
+    if (value !== null) body[field] = value;
+  }
+  return body;
+}
+
+// Code points, as the server counts characters (a string's length counts UTF-16 units).
+const countChars = (text) => Array.from(text).length;
+
+function setStat(name, value) {
+  $(`gen-${name}`).textContent = value;
+}
+
+function setRunning(on) {
+  $("generate").disabled = on;
+  $("stop").disabled = !on;
+  $("output").setAttribute("aria-busy", String(on));
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (running) return;
+  const body = generateBody();
+  const controller = new AbortController();
+  running = controller;
+  setRunning(true);
+  showError("generate-error", "");
+  // The seed is shown dimmed; the generated text grows in one text node (appendData is cheap).
+  const seedNode = document.createElement("span");
+  seedNode.className = "seed-text";
+  seedNode.textContent = body.seed;
+  const generated = document.createTextNode("");
+  $("output").replaceChildren(seedNode, generated);
+  for (const name of ["ttfc", "rate", "chars", "seed"]) setStat(name, "–");
+  setStat("state", "waiting…");
+
+  const started = performance.now();
+  let first = null; // when the first character arrived, and how many came with it
+  let firstChars = 0;
+  let chars = 0;
+  let finished = false;
+  try {
+    const response = await api("/generate/stream", {
+      method: "POST", headers: JSON_HEADERS, body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!response.ok) throw new UserError(await errorMessage(response));
+    setStat("state", "streaming…");
+    for await (const { event: kind, data } of serverEvents(response)) {
+      if (kind === "text") {
+        const now = performance.now();
+        generated.appendData(data.text);
+        chars += countChars(data.text);
+        if (first === null) {
+          first = now;
+          firstChars = chars;
+          setStat("ttfc", `${Math.round(now - started)} ms`);
+        } else if (now > first) {
+          // The rate after the first character, so waiting in the queue does not dilute it.
+          setStat("rate", Math.round(((chars - firstChars) * 1000) / (now - first)).toLocaleString("en"));
+        }
+        setStat("chars", chars.toLocaleString("en"));
+      } else if (kind === "done") {
+        finished = true;
+        setStat("seed", String(data.random_seed));
+        setStat("state", `done: ${data.finish_reason}`);
+      } else if (kind === "error") {
+        throw new UserError(`Generation failed: ${data.error.message}`);
+      }
+    }
+    if (!finished) throw new UserError("The connection closed before the generation finished.");
+  } catch (err) {
+    if (err.name === "AbortError") {
+      setStat("state", "stopped");
+    } else {
+      setStat("state", "error");
+      showError("generate-error", messageOf(err));
+      if (first === null) $("output").replaceChildren(); // refused: nothing was generated
+    }
+  } finally {
+    running = null;
+    setRunning(false);
+  }
+}
+
+// Aborting the fetch closes the connection; the server notices and frees the row at once.
+function stop() {
+  if (running) running.abort();
+}
+
+// Scale factor and temperature are one setting (temperature = 1 / scale factor): editing either
+// updates the other. Temperature 0 means "always the most likely": the largest scale factor.
+const rounded = (x) => String(Number(x.toPrecision(6)));
+
+function scaleChanged() {
+  const scale = numberOrNull("scale-factor");
+  $("temperature").value = scale > 0 ? rounded(1 / scale) : "";
+}
+
+function temperatureChanged() {
+  const temperature = numberOrNull("temperature");
+  if (temperature === null || temperature < 0) return;
+  const maxScale = limits ? limits.max_scale_factor : 10000;
+  $("scale-factor").value = temperature === 0 ? String(maxScale) : rounded(Math.min(1 / temperature, maxScale));
+}
+
+function newSeed() {
+  $("random-seed").value = String(crypto.getRandomValues(new Uint32Array(1))[0]);
+}
+
+// ---------------------------------------------------------------- copy curl
+
+const shellQuote = (text) => `'${text.replace(/'/g, "'\\''")}'`;
+
+// The non-streaming request for the current settings. The key itself is never copied (commands end
+// up in shell histories and chats): the command reads it from $CHARLM_API_KEY instead.
+function curlCommand() {
+  const parts = [`curl -s ${shellQuote(`${location.origin}/generate`)}`, "-H 'Content-Type: application/json'"];
+  if (storedKey()) parts.push('-H "Authorization: Bearer $CHARLM_API_KEY"');
+  parts.push(`-d ${shellQuote(JSON.stringify(generateBody()))}`);
+  return parts.join(" \\\n     ");
+}
+
+async function copyCurl() {
+  const command = curlCommand();
+  const shown = $("curl-command");
+  shown.textContent = command;
+  shown.hidden = false;
+  try {
+    await navigator.clipboard.writeText(command); // absent on plain http to a non-local host
+    $("copy-status").textContent = "Copied to the clipboard.";
+  } catch {
+    getSelection().selectAllChildren(shown);
+    $("copy-status").textContent = "Copy the selected command below.";
+  }
+}
+
+// ---------------------------------------------------------------- score
+
+// Surprise in bits, from pale yellow (0: expected) to red (8 or more: a 1-in-256 guess).
+const MAX_BITS = 8;
+
+function surpriseColour(bits) {
+  const f = Math.min(Math.max(bits, 0) / MAX_BITS, 1);
+  return `hsl(${Math.round(55 - 55 * f)} 95% ${Math.round(94 - 34 * f)}%)`;
+}
+
+const describeChar = (char) => (char.length === 1 && char.trim() === "" ? charName(char) : `“${char}”`);
+
+// The model's most likely characters at a position, as "“e” 40.2%".
+const topGuesses = (top) =>
+  (top || []).map((guess) => `${describeChar(guess.char)} ${(Math.exp(guess.logprob) * 100).toFixed(1)}%`);
+
+function showScore(result) {
+  $("score-bpc").textContent = result.bits_per_char.toFixed(3);
+  $("score-chars").textContent = result.chars.toLocaleString("en");
+  const spans = document.createDocumentFragment();
+  for (const item of result.per_char) {
+    const span = document.createElement("span");
+    span.className = "c";
+    // A newline gets a visible mark, or its colour would have no width to show in.
+    span.textContent = item.char === "\n" ? "↵\n" : item.char;
+    if (item.logprob === null) {
+      // The first character: the model has no start-of-text to predict it from, so it is context only.
+      span.classList.add("context");
+      span.title = `${describeChar(item.char)}: the first character, context for the rest (not scored)`;
+    } else {
+      const bits = -item.logprob / Math.LN2;
+      span.style.backgroundColor = surpriseColour(bits);
+      span.dataset.bits = bits.toFixed(3);
+      const guesses = topGuesses(item.top);
+      const percent = (Math.exp(item.logprob) * 100).toFixed(2);
+      span.title = `${describeChar(item.char)}: ${bits.toFixed(2)} bits (p = ${percent}%)`
+        + (guesses.length ? `\nthe model's guesses: ${guesses.join(", ")}` : "");
+    }
+    spans.append(span);
+  }
+  $("scored").replaceChildren(spans);
+  $("score-summary").hidden = $("score-legend").hidden = false;
+}
+
+async function score(event) {
+  event.preventDefault();
+  $("score").disabled = true;
+  showError("score-error", "");
+  try {
+    const response = await api("/score", {
+      method: "POST", headers: JSON_HEADERS, body: JSON.stringify({ text: $("score-text").value, top_k: 5 }),
+    });
+    if (!response.ok) throw new UserError(await errorMessage(response));
+    showScore(await response.json());
+  } catch (err) {
+    $("scored").replaceChildren();
+    $("score-summary").hidden = $("score-legend").hidden = true;
+    showError("score-error", messageOf(err));
+  } finally {
+    $("score").disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- tabs, model card, wiring
+
+const tabs = () => Array.from(document.querySelectorAll('[role="tab"]'));
+
+function selectTab(tab) {
+  for (const each of tabs()) {
+    const selected = each === tab;
+    each.setAttribute("aria-selected", String(selected));
+    each.tabIndex = selected ? 0 : -1; // one tab stop for the tab list; arrows move within it
+    $(each.getAttribute("aria-controls")).hidden = !selected;
+  }
+}
+
+function tabKeys(event) {
+  const all = tabs();
+  const moves = { ArrowRight: 1, ArrowLeft: -1, Home: -all.length, End: all.length };
+  if (!(event.key in moves)) return;
+  event.preventDefault();
+  const index = Math.min(Math.max(all.indexOf(event.target) + moves[event.key], 0), all.length - 1);
+  all[index].focus();
+  selectTab(all[index]);
+}
+
+async function loadInfo() {
+  try {
+    const response = await api("/info");
+    if (!response.ok) throw new UserError(await errorMessage(response));
+    const info = await response.json();
+    limits = info.limits;
+    $("length").max = String(limits.max_length);
+    const bpc = info.training && info.training.val_bpc;
+    $("model-info").textContent = [
+      info.model.checkpoint,
+      `${info.model.parameters.toLocaleString("en")} parameters`,
+      bpc ? `${bpc} bits/char held out` : null,
+      info.device,
+    ].filter(Boolean).join(" · ");
+    document.body.dataset.ready = "true";
+  } catch (err) {
+    $("model-info").textContent = `The model card is unavailable. ${messageOf(err)}`;
+  }
+}
+
+// Ctrl+Enter (⌘+Enter) in a text box submits its form.
+function submitOnCtrlEnter(event) {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    event.target.form.requestSubmit();
+  }
+}
+
+$("generate-form").addEventListener("submit", generate);
+$("stop").addEventListener("click", stop);
+$("copy-curl").addEventListener("click", copyCurl);
+$("new-seed").addEventListener("click", newSeed);
+$("scale-factor").addEventListener("input", scaleChanged);
+$("temperature").addEventListener("input", temperatureChanged);
+$("score-form").addEventListener("submit", score);
+for (const box of ["seed", "score-text"]) $(box).addEventListener("keydown", submitOnCtrlEnter);
+for (const tab of tabs()) {
+  tab.addEventListener("click", () => selectTab(tab));
+  tab.addEventListener("keydown", tabKeys);
+}
+scaleChanged();
+loadInfo();
