@@ -1,0 +1,619 @@
+"""The deployment files held to the code they deploy: the Kubernetes manifests (deploy/kubernetes), the
+one-host docker-compose.yml with its Prometheus config, and a read-only root filesystem, for real.
+
+The manifests are built with a small kustomize of our own (resources, components, strategic-merge
+patches, images: what deploy/kubernetes uses, and nothing else is accepted), checked against
+`kubectl kustomize` where kubectl is installed, and validated offline with kubernetes-validate's
+bundled schemas for Kubernetes KUBERNETES_VERSION, in strict mode (unknown fields are errors).
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from fastapi import FastAPI
+from starlette.routing import Match, Mount
+
+from app.main import create_app
+from app.server import RESPONSE_MARGIN_SECONDS
+from app.settings import Settings
+from tests.server import Server, dockerfile_cmd, free_port
+from tests.test_image import stages
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBE = ROOT / "deploy" / "kubernetes"
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
+
+# The Kubernetes version the manifests are validated for: still common in managed clusters, and
+# every field used here is in its schemas (autoscaling/v2 behavior, policy/v1
+# unhealthyPodEvictionPolicy, seccompProfile). Newer versions only add fields.
+KUBERNETES_VERSION = "1.30.0"
+# Resident memory of the served shipped model at the peak of a burst of 20 concurrent requests, with
+# CHARLM_THREADS=2 (README, "Scaling out"). Memory requests and limits must leave 2x headroom over it.
+MEASURED_PEAK_RSS_MIB = 353
+MEMORY_HEADROOM = 2.0
+
+Doc = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A small kustomize: enough for deploy/kubernetes, and loud about anything it does not implement.
+
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "components", "patches", "images"}
+# Strategic merge: lists of objects merge by this key (Kubernetes' patchMergeKey), by `name` otherwise.
+MERGE_KEYS = {"volumeMounts": "mountPath"}
+
+
+def yaml_documents(path: Path) -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = strategic_merge(merged[key], value, key) if key in merged else copy.deepcopy(value)
+        return merged
+    key = MERGE_KEYS.get(field, "name")
+    if (isinstance(base, list) and isinstance(patch, list)
+            and all(isinstance(item, dict) and key in item for item in [*base, *patch])):
+        merged_list = list(base)
+        for item in patch:
+            at = next((i for i, old in enumerate(merged_list) if old[key] == item[key]), None)
+            if at is None:
+                merged_list.append(copy.deepcopy(item))
+            else:
+                merged_list[at] = strategic_merge(merged_list[at], item)
+        return merged_list
+    return copy.deepcopy(patch)
+
+
+def pod_containers(doc: Doc) -> list[Doc]:
+    if doc["kind"] != "Deployment":
+        return []
+    spec = doc["spec"]["template"]["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def set_images(docs: list[Doc], images: list[Doc]) -> None:
+    """kustomize's `images:` transformer: rename, retag or pin by digest the images named `name`."""
+    for container in (c for doc in docs for c in pod_containers(doc)):
+        image = container["image"]
+        name, colon, tag = image.rpartition(":")
+        if not colon or "/" in tag:  # no tag (the colon was a registry's port)
+            name, tag = image, ""
+        for entry in images:
+            if entry["name"] == name:
+                new_tag = entry.get("newTag", tag)
+                suffix = f"@{entry['digest']}" if "digest" in entry else (f":{new_tag}" if new_tag else "")
+                container["image"] = entry.get("newName", name) + suffix
+
+
+def build(directory: Path, kustomization: Doc | None = None, docs: list[Doc] | None = None) -> list[Doc]:
+    """The resources `kubectl kustomize directory` would give (a component adds to `docs`)."""
+    k = kustomization if kustomization is not None else yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(k) - KUSTOMIZATION_FIELDS
+    assert not unknown, f"{directory}: this test's kustomize does not implement {sorted(unknown)}"
+    docs = list(docs or [])
+    for resource in k.get("resources", []):
+        path = directory / resource
+        docs += build(path) if path.is_dir() else yaml_documents(path)
+    for component in k.get("components", []):
+        docs = build(directory / component, docs=docs)
+    for patch_entry in k.get("patches", []):
+        assert set(patch_entry) == {"path"}, f"only file patches are implemented: {patch_entry}"
+        for patch in yaml_documents(directory / patch_entry["path"]):
+            targets = [i for i, doc in enumerate(docs) if (doc["kind"], doc["metadata"]["name"])
+                       == (patch["kind"], patch["metadata"]["name"])]
+            assert len(targets) == 1, f"{patch_entry['path']} matches {len(targets)} resources"
+            docs[targets[0]] = strategic_merge(docs[targets[0]], patch)
+    set_images(docs, k.get("images", []))
+    return docs
+
+
+# The variants a user can apply: the default, the overlay, and the base with the optional component.
+VARIANTS: dict[str, tuple[Path, Doc | None]] = {
+    "default": (KUBE, None),
+    "external-model": (KUBE / "overlays" / "external-model", None),
+    "servicemonitor": (KUBE, {"resources": ["base"], "components": ["components/servicemonitor"]}),
+}
+
+
+@cache
+def _variant(name: str) -> str:
+    directory, kustomization = VARIANTS[name]
+    return json.dumps(build(directory, kustomization))
+
+
+def variant(name: str) -> list[Doc]:
+    docs: list[Doc] = json.loads(_variant(name))  # a fresh copy each time: tests may not share edits
+    return docs
+
+
+def the(docs: list[Doc], kind: str) -> Doc:
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def server_container(deployment: Doc) -> Doc:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, "one container: the server"
+    container: Doc = containers[0]
+    return container
+
+
+def configmap_env(docs: list[Doc], container: Doc) -> dict[str, str]:
+    """The container's environment from its ConfigMaps (envFrom), which must be in the manifests."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, f"only ConfigMap envFrom is expected: {source}"
+        name = source["configMapRef"]["name"]
+        maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+        assert maps, f"envFrom names ConfigMap {name}, which the manifests do not define"
+        env.update(maps[0]["data"])
+    return env
+
+
+def cpu_cores(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def mebibytes(quantity: str | int) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10, "k": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]i?|k)?", str(quantity))
+    assert match, f"unexpected quantity {quantity!r}"
+    return float(match.group(1)) * (units[match.group(2)] if match.group(2) else 2**-20)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the image and the app really do.
+
+def final_stage() -> list[tuple[str, str]]:
+    return stages()[-1]
+
+
+def image_port() -> int:
+    """The port the image serves: its CHARLM_PORT, which its EXPOSE must repeat."""
+    stage = final_stage()
+    env = " ".join(args for keyword, args in stage if keyword == "ENV")
+    match = re.search(r"\bCHARLM_PORT=(\d+)\b", env)
+    assert match, "the image sets no CHARLM_PORT"
+    exposed = [args.split("/")[0] for keyword, args in stage if keyword == "EXPOSE"]
+    assert exposed == [match.group(1)], f"EXPOSE {exposed} is not CHARLM_PORT={match.group(1)}"
+    return int(match.group(1))
+
+
+def image_user() -> tuple[int, int]:
+    users = [args for keyword, args in final_stage() if keyword == "USER"]
+    uid, _, gid = users[-1].partition(":")
+    return int(uid), int(gid or uid)
+
+
+@cache
+def _app() -> FastAPI:
+    return create_app(Settings())
+
+
+def serves_get(path: str) -> bool:
+    """Whether one of the app's routes (app.routes: routes and included routers; static mounts, which
+    match any path below them, left out) answers GET `path`: routing as Starlette does it."""
+    app = _app()
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "path_params": {}, "app": app,
+             "headers": [], "query_string": b""}
+    return any(route.matches(scope)[0] == Match.FULL for route in app.routes if not isinstance(route, Mount))
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read CHARLM_* from the environment: none of the test runner's may leak in."""
+    for name in list(os.environ):
+        if name.startswith("CHARLM_"):
+            monkeypatch.delenv(name)
+
+
+def settings_from(env: dict[str, str | None]) -> Settings:
+    """Settings as the server would build them from these variables (unset ones: the defaults); every
+    name must be a real setting, since pydantic-settings ignores unknown CHARLM_* names silently."""
+    values: dict[str, Any] = {}
+    for name, value in env.items():
+        assert name.startswith("CHARLM_"), name
+        field = name.removeprefix("CHARLM_").lower()
+        assert field in Settings.model_fields, f"{name} is not a setting of app.settings.Settings"
+        if value is not None:
+            values[field] = value
+    return Settings(**values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kubernetes
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_manifest_validates_against_the_kubernetes_schemas(name: str) -> None:
+    docs = variant(name)
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds)
+    assert "Secret" not in kinds, "no Secret is shipped: CHARLM_API_KEY comes from one the user creates"
+    errors = []
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD, not in the Kubernetes schemas: test_the_servicemonitor_scrapes_the_service
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.absolute_path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_the_validator_refuses_a_misspelt_field_and_a_wrong_type() -> None:
+    """The check above is real: strict mode rejects what a typo in a manifest would look like."""
+    deployment = the(variant("default"), "Deployment")
+    misspelt = copy.deepcopy(deployment)
+    server_container(misspelt)["readinesProbe"] = server_container(misspelt).pop("readinessProbe")
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["replicas"] = "two"
+    for broken in (misspelt, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_kubectl_kustomize_builds_what_this_test_builds(name: str, tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (its built-in kustomize would cross-check this test's loader)")
+    directory, kustomization = VARIANTS[name]
+    if kustomization is not None:  # kustomize wants a directory; it takes relative paths only
+        relative = {key: [os.path.relpath(directory / p, tmp_path) for p in paths]
+                    for key, paths in kustomization.items()}
+        (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(relative))
+        directory = tmp_path
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+    def unordered(value: Any, field: str = "") -> Any:
+        """Lists of named objects (env, volumes, volumeMounts, ...) as sets: where a patch adds an item,
+        kustomize puts it first and this test's merge last, and neither order means anything here."""
+        if isinstance(value, dict):
+            return {k: unordered(v, k) for k, v in value.items()}
+        key = MERGE_KEYS.get(field, "name")
+        if isinstance(value, list) and value and all(isinstance(v, dict) and key in v for v in value):
+            return sorted((unordered(v) for v in value), key=lambda v: str(v[key]))
+        return value
+
+    def by_name(docs: list[Doc]) -> dict[tuple[str, str], Doc]:
+        return {(doc["kind"], doc["metadata"]["name"]): unordered(doc) for doc in docs}
+
+    theirs, ours = by_name(list(yaml.safe_load_all(result.stdout))), by_name(variant(name))
+    assert theirs.keys() == ours.keys()
+    for key in ours:
+        assert theirs[key] == ours[key], f"{key}: kubectl kustomize and this test's loader differ"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_probes_and_ports_are_what_the_app_serves(name: str) -> None:
+    docs = variant(name)
+    deployment, port = the(docs, "Deployment"), image_port()
+    container = server_container(deployment)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": port}, f"container ports {ports}, the image serves {port}"
+
+    def resolve(value: str | int) -> int:
+        return ports[value] if isinstance(value, str) else value
+
+    expected = {"startupProbe": "/ready", "readinessProbe": "/ready", "livenessProbe": "/health"}
+    for probe, path in expected.items():
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, f"{probe} asks {get['path']}, the issue says {path}"
+        assert serves_get(get["path"]), f"{probe}: the app has no GET {get['path']}"
+        assert resolve(get["port"]) == port
+        assert get.get("scheme", "HTTP") == "HTTP"
+    service = the(docs, "Service")
+    assert [resolve(p["targetPort"]) for p in service["spec"]["ports"]] == [port]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics" and serves_get("/metrics")
+    assert annotations["prometheus.io/scrape"] == ("false" if name == "servicemonitor" else "true")
+    for key in ("CHARLM_PORT", "CHARLM_HOST"):  # the image's own values (port, 0.0.0.0) must stand
+        assert key not in configmap_env(docs, container) and key not in {e["name"] for e in container["env"]}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.usefixtures("clean_env")
+def test_every_charlm_variable_is_a_setting_with_a_valid_value(name: str) -> None:
+    docs = variant(name)
+    deployment = the(docs, "Deployment")
+    container = server_container(deployment)
+    env: dict[str, str | None] = dict(configmap_env(docs, container))
+    for entry in container.get("env", []):
+        env[entry["name"]] = entry.get("value")  # from a Secret: the name must be right, the value is not ours
+    settings_from(env)  # raises on a misspelt name or a value the server would refuse
+    config_names = [name for d in docs if d["kind"] == "ConfigMap" for name in d["data"]]
+    assert config_names and all(n.startswith("CHARLM_") for n in config_names), config_names
+    key = next(e for e in container["env"] if e["name"] == "CHARLM_API_KEY")["valueFrom"]["secretKeyRef"]
+    assert key["optional"] is True, "without the Secret the service must still start (routes open)"
+    # A Service named `charlm` would otherwise inject CHARLM_PORT=tcp://... into the container.
+    assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    if name == "external-model":
+        assert env["CHARLM_CHECKPOINT"] in {m["mountPath"] + "/model.safetensors" for m in container["volumeMounts"]}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.usefixtures("clean_env")
+def test_the_kubelet_waits_longer_than_the_server_drains(name: str) -> None:
+    docs = variant(name)
+    deployment = the(docs, "Deployment")
+    settings = settings_from(dict(configmap_env(docs, server_container(deployment))))
+    needed = settings.drain_seconds + settings.grace_seconds + RESPONSE_MARGIN_SECONDS
+    grace_period = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_period > needed, (
+        f"terminationGracePeriodSeconds {grace_period} <= drain {settings.drain_seconds} + grace "
+        f"{settings.grace_seconds} + margin {RESPONSE_MARGIN_SECONDS}: the kubelet would kill requests in flight"
+    )
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_container_runs_as_the_images_user_on_a_read_only_root(name: str) -> None:
+    deployment = the(variant(name), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    uid, gid = image_user()
+    assert uid != 0
+    pod_context = pod["securityContext"]
+    assert (pod_context["runAsUser"], pod_context["runAsGroup"]) == (uid, gid), "not the Dockerfile's USER"
+    assert pod_context["runAsNonRoot"] is True
+    assert pod_context["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in pod_containers(deployment):
+        context = {**pod_context, **container["securityContext"]}
+        label = container["name"]
+        assert (context["runAsUser"], context["runAsGroup"], context["runAsNonRoot"]) == (uid, gid, True), label
+        assert context["readOnlyRootFilesystem"] is True, label
+        assert context["allowPrivilegeEscalation"] is False, label
+        assert context["capabilities"] == {"drop": ["ALL"]}, label
+        assert "privileged" not in context or context["privileged"] is False, label
+        for mount in container.get("volumeMounts", []):
+            if not mount.get("readOnly"):
+                assert "emptyDir" in volumes[mount["name"]], f"{label} writes to {mount['mountPath']}: not an emptyDir"
+    tmp = [m for m in server_container(deployment)["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert tmp and not tmp[0].get("readOnly") and "emptyDir" in volumes[tmp[0]["name"]]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_threads_match_the_cpu_limit_and_memory_has_headroom(name: str) -> None:
+    docs = variant(name)
+    container = server_container(the(docs, "Deployment"))
+    resources = container["resources"]
+    threads = int(configmap_env(docs, container)["CHARLM_THREADS"])
+    assert threads == cpu_cores(resources["limits"]["cpu"]), "CHARLM_THREADS must equal the CPU limit"
+    assert cpu_cores(resources["requests"]["cpu"]) <= cpu_cores(resources["limits"]["cpu"])
+    request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
+    assert MEMORY_HEADROOM * MEASURED_PEAK_RSS_MIB <= request <= limit, (request, limit)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_selectors_autoscaler_and_budget_point_at_the_pods(name: str) -> None:
+    docs = variant(name)
+    deployment = the(docs, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert the(docs, "Service")["spec"]["selector"].items() <= labels.items()
+    assert the(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # The image the Dockerfile builds, as README's `docker build -t charlm .` names it; kustomize
+    # `images:` renames it for a registry.
+    images = {c["name"]: (c["image"], c["imagePullPolicy"]) for c in pod_containers(deployment)}
+    assert images.pop("charlm") == ("charlm:latest", "IfNotPresent")
+    assert images == ({"copy-model": ("charlm-model:latest", "IfNotPresent")} if name == "external-model" else {})
+    hpa = the(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                            "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] == 2
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] < behavior["scaleDown"]["stabilizationWindowSeconds"]
+    if name == "servicemonitor":
+        monitor = the(docs, "ServiceMonitor")
+        service = the(docs, "Service")
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        service_ports = {p["name"] for p in service["spec"]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] in service_ports and serves_get(endpoint["path"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# docker-compose.yml and Prometheus
+
+def compose() -> Doc:
+    loaded: Doc = yaml.safe_load(COMPOSE.read_text())
+    return loaded
+
+
+def compose_validator() -> jsonschema.Draft7Validator:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    validator = compose_validator()
+    problems = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose())]
+    assert not problems, "\n".join(problems)
+    misspelt = compose()
+    misspelt["services"]["charlm"]["stop_grace_periode"] = misspelt["services"]["charlm"].pop("stop_grace_period")
+    assert not validator.is_valid(misspelt), "the schema must refuse an unknown key"
+
+
+def seconds(duration: str) -> float:
+    """A compose duration: 40s, 1m30s, 1h."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def docker_mebibytes(value: str | int) -> float:
+    """Docker's byte values: a number with b, k, m or g (binary units)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmg])?", str(value).lower())
+    assert match, f"unexpected size {value!r}"
+    return float(match.group(1)) * {"b": 2**-20, "k": 2**-10, "m": 1.0, "g": 2**10}[match.group(2) or "b"]
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_compose_serves_the_images_port_restricted_and_prometheus_scrapes_it() -> None:
+    services = compose()["services"]
+    charlm, port = services["charlm"], image_port()
+    container_ports = {str(p).rsplit(":", 1)[-1].split("/")[0] for p in charlm["ports"]}
+    assert container_ports == {str(port)}
+    env = {k: (None if v is None else str(v)) for k, v in charlm["environment"].items()}
+    settings = settings_from(env)
+    assert settings.threads == charlm["cpus"], "CHARLM_THREADS must equal the CPU limit"
+    needed = settings.drain_seconds + settings.grace_seconds + RESPONSE_MARGIN_SECONDS
+    assert seconds(charlm["stop_grace_period"]) > needed, "docker's SIGKILL would cut the drain short"
+    assert docker_mebibytes(charlm["mem_limit"]) >= MEMORY_HEADROOM * MEASURED_PEAK_RSS_MIB
+    assert charlm["read_only"] is True and charlm["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in charlm["security_opt"]
+    assert any(t.split(":")[0] == "/tmp" for t in charlm["tmpfs"])
+
+    prometheus = services["prometheus"]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in prometheus["volumes"] if v.startswith("./")}
+    config_path = next(host for host, target in mounts.items() if target == "/etc/prometheus/prometheus.yml")
+    config = yaml.safe_load((ROOT / config_path).read_text())
+    targets = {(job.get("metrics_path", "/metrics"), target) for job in config["scrape_configs"]
+               for static in job.get("static_configs", []) for target in static["targets"]}
+    assert ("/metrics", f"charlm:{port}") in targets, targets
+    assert serves_get("/metrics") and not serves_get("/no-such-route")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A read-only root filesystem, for real
+
+def readonly_command(writable: Path, readonly: list[Path]) -> list[str]:
+    """A command prefix that runs its command in a mount namespace of its own where the whole root
+    filesystem is read-only (the / mount, plus each of `readonly` in case it lies on another mount),
+    except `writable`, a mount of its own that stays writable: what readOnlyRootFilesystem with an
+    emptyDir gives the container. Nothing outside the namespace changes. Exit 97: not permitted here."""
+    lines = ["set -u"]
+    lines += [f"mount --bind {shlex.quote(str(p))} {shlex.quote(str(p))} && "
+              f"mount -o remount,ro,bind {shlex.quote(str(p))} || exit 97" for p in readonly]
+    lines.append(f"mount --bind {shlex.quote(str(writable))} {shlex.quote(str(writable))} || exit 97")
+    lines.append("mount -o remount,ro,bind / || exit 97")
+    lines.append('exec "$@"')
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    return ["unshare", "--mount", "--propagation", "private", *user, "--", "bash", "-c", "\n".join(lines), "bash"]
+
+
+WRITE_PROBE = """
+import errno, json, sys, tempfile
+results = {}
+for directory in sys.argv[1:]:
+    try:
+        open(directory + "/.charlm-write-probe", "w").close()
+        results[directory] = "written"
+    except OSError as exc:
+        results[directory] = errno.errorcode[exc.errno]
+with tempfile.NamedTemporaryFile() as f:
+    f.write(b"scratch")
+    results["tempdir"] = f.name
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture
+def readonly_tree() -> Iterator[tuple[list[str], Path, Path, list[Path]]]:
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("unshare/mount (util-linux) are not installed")
+    scratch = Path(tempfile.mkdtemp(prefix="charlm-rofs-"))
+    writable, home = scratch / "tmp", scratch / "home"
+    writable.mkdir()
+    home.mkdir()
+    assert not writable.resolve().is_relative_to(ROOT)
+    # Everything the server reads: the repository (with its models and, in .venv, the installed
+    # packages) and the Python installation; and the HOME the image gives its user.
+    readonly = sorted({ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), home})
+    try:
+        yield readonly_command(writable, readonly), writable, home, readonly
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def container_env(home: Path, writable: Path, **extra: str) -> dict[str, str]:
+    """The test runner's environment as the image's would be: no CHARLM_* of ours, and Python writing
+    bytecode as it does in the image (so its attempts meet the read-only filesystem)."""
+    drop = ("PYTHONDONTWRITEBYTECODE", "MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARLM_") and k not in drop}
+    return {**env, "HOME": str(home), "TMPDIR": str(writable), **extra}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_server_serves_from_a_read_only_root_filesystem(
+    readonly_tree: tuple[list[str], Path, Path, list[Path]],
+) -> None:
+    prefix, writable, home, readonly = readonly_tree
+    site = Path(sysconfig.get_paths()["purelib"])
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    must_fail = [ROOT, ROOT / "app", ROOT / "models", home, site, stdlib, *readonly]
+    probe = subprocess.run([*prefix, sys.executable, "-c", WRITE_PROBE, *map(str, must_fail)], cwd=ROOT,
+                           env=container_env(home, writable), capture_output=True, text=True, timeout=60)
+    if probe.returncode == 97 or probe.stderr.startswith("unshare:"):
+        pytest.skip(f"a read-only mount namespace is not permitted here: {probe.stderr.strip()[-300:]}")
+    assert probe.returncode == 0, probe.stderr
+    results = json.loads(probe.stdout)
+    for directory in must_fail:
+        if results[str(directory)] == "written":
+            (directory / ".charlm-write-probe").unlink(missing_ok=True)
+    assert {results[str(d)] for d in must_fail} == {errno.errorcode[errno.EROFS]}, results
+    assert Path(results["tempdir"]).parent == writable, "tempfile must write to TMPDIR, the writable mount"
+
+    # The server as the container starts it: the image's CMD, its checkpoint read from the read-only
+    # tree, HOME and the working directory read-only, TMPDIR the only writable place.
+    port = free_port()
+    env = container_env(home, writable, CHARLM_CHECKPOINT=str(ROOT / "models" / "mysterious_island.safetensors"),
+                        CHARLM_DEVICE="cpu", CHARLM_HOST="127.0.0.1", CHARLM_PORT=str(port), CHARLM_THREADS="1",
+                        CHARLM_DRAIN_SECONDS="0")
+    log = Path(tempfile.mkdtemp(prefix="charlm-server-")) / "server.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([*prefix, *dockerfile_cmd()], cwd=ROOT, env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT)
+    server = Server(process, port, log)
+    try:
+        server.wait_ready(timeout=180)
+        response = httpx.post(f"{server.url}/generate", timeout=60,
+                              json={"seed": "The island", "length": 40, "random_seed": 1})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["text"].startswith("The island") and body["usage"]["generated_chars"] == 40
+        assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, server.output()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+    output = server.output()
+    assert "Traceback" not in output and "Read-only file system" not in output, output
+    shutil.rmtree(log.parent, ignore_errors=True)
