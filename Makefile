@@ -26,9 +26,9 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/python benchmarks/train_speed.py
-	$(BIN)/python benchmarks/generate_speed.py
-	$(BIN)/python benchmarks/load.py
+	$(BIN)/python -m benchmarks.train_speed
+	$(BIN)/python -m benchmarks.generate_speed
+	$(BIN)/python -m benchmarks.load
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

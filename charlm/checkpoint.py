@@ -24,7 +24,7 @@ from charlm.files import atomic_write
 from charlm.model import CharLSTM, ModelConfig
 from charlm.vocab import Vocab
 
-__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_safetensors", "atomic_write"]
+__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_safetensors"]
 
 FORMAT = "1"
 FIX = "train a model with `charlm train` or point to a file it wrote"

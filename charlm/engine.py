@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 import torch
@@ -199,9 +199,6 @@ class EngineStats:
     failed: int = 0
     timeouts: int = 0
     scored: int = 0  # scoring jobs completed
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 def validate_text(field_name: str, text: str, vocab: Vocab, max_chars: int, min_chars: int = 1) -> None:

@@ -455,6 +455,9 @@ class _Trainer:
         self.cfg, self.progress = cfg, progress
         self.metrics_warned = False
         self.device = resolve_device(cfg.device)
+        dtype = resolve_precision(cfg.precision, self.device)  # refused before anything is touched
+        self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        self.precision = "bf16" if dtype is not None else "fp32"
         torch.manual_seed(cfg.random_seed)
         self.data: CorpusSet = load_corpora(cfg.corpus, cfg.val_fraction, cfg.strip, cfg.quotes, cfg.corpus_names)
         self.selected = self.data.select(cfg.select_on)
@@ -479,10 +482,8 @@ class _Trainer:
             self.info.update({k: saved.get(k, v) for k, v in self.info.items()})
             self.rewind_metrics()
         else:
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)  # metrics are appended before the first save
             cfg.metrics_path.unlink(missing_ok=True)
-        dtype = resolve_precision(cfg.precision, self.device)
-        self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-        self.precision = "bf16" if dtype is not None else "fp32"
         self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"])
 
     def _start_from(self, path: str) -> dict[str, Any]:

@@ -191,6 +191,22 @@ def test_curly_quotes_and_italics_reach_the_vocabulary(tmp_path: Path) -> None:
         tiny_config(corpus, tmp_path / "m.safetensors", steps=1, quotes="fancy")
 
 
+def test_out_may_name_a_folder_that_does_not_exist_yet(corpus_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "new" / "m.safetensors"  # as `--out runs/...` on a fresh clone
+    result = train(tiny_config(corpus_path, out, steps=12, eval_interval=12, log_interval=5))
+    assert out.exists() and out.with_suffix(".metrics.jsonl").exists() and result.step == 12
+
+
+def test_a_refused_precision_leaves_the_previous_metrics_alone(corpus_path: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "m.safetensors"
+    out.with_suffix(".metrics.jsonl").write_text('{"step": 1}\n')
+    monkeypatch.setattr(charlm.device, "cpu_flags", lambda: set())
+    with pytest.raises(ValueError, match="bf16 is not native"):
+        train(tiny_config(corpus_path, out, steps=1, precision="bf16"))
+    assert out.with_suffix(".metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
 def test_bf16_is_refused_where_the_cpu_would_emulate_it(corpus_path: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(charlm.device, "cpu_flags", lambda: {"avx2", "fma"})
