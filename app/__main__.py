@@ -28,10 +28,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
@@ -48,11 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from app.server import serve
     from charlm.checkpoint import load_checkpoint
     from charlm.device import resolve_device
+    from charlm.exit_codes import one_line
 
     try:
         checkpoint = load_checkpoint(settings.checkpoint, resolve_device(settings.device))
     except (OSError, ValueError) as exc:
-        print(f"charlm serve: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"charlm serve: error: {one_line(exc)}", file=sys.stderr)
         return 1
     if settings.api_key is None:
         log.warning("no API key: every route is open (set CHARLM_API_KEY to require Authorization: Bearer <key>)")

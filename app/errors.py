@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from charlm.engine import RequestError
+from charlm.engine import EngineClosedError, QueueFullError, RequestError
 from charlm.sampling import InvalidParameter
 
 _TYPES = {
@@ -88,6 +88,17 @@ def error_response_for(path: str, status: int, message: str, headers: dict[str, 
     if is_openai_path(path):
         return openai_error_response(status, message, headers=headers)
     return error_response(status, message, headers=headers)
+
+
+# What a client whose request was cut off by a shutdown is told (native routes, /score and /v1 alike).
+SHUT_DOWN = "the server shut down before this request finished; retry on another replica or later"
+
+
+def queue_refusal(exc: QueueFullError | EngineClosedError, request: Request) -> ApiError:
+    """The engine would not queue the request: full (429) or closing (503), both to retry; counted."""
+    full = isinstance(exc, QueueFullError)
+    request.app.state.metrics.rejections.labels("queue_full" if full else "shutting_down").inc()
+    return ApiError(429 if full else 503, str(exc), headers={"Retry-After": "1"})
 
 
 def request_error_detail(exc: InvalidParameter) -> dict[str, Any]:

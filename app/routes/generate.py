@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import Authorized, EngineDep, cancel_on_disconnect
-from app.errors import ApiError, request_error_detail
+from app.errors import SHUT_DOWN, ApiError, queue_refusal, request_error_detail
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from charlm.engine import (
     EngineClosedError,
@@ -40,17 +40,12 @@ async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) 
     except InvalidParameter as exc:
         metrics.rejections.labels("invalid").inc()
         raise ApiError(422, f"invalid request: {exc.field}", [request_error_detail(exc)]) from None
-    except QueueFullError as exc:
-        metrics.rejections.labels("queue_full").inc()
-        raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
-    except EngineClosedError as exc:
-        metrics.rejections.labels("shutting_down").inc()
-        raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
+    except (QueueFullError, EngineClosedError) as exc:
+        raise queue_refusal(exc, request) from None
 
 
 Submitted = Annotated[Generation, Depends(submitted)]
 
-SHUT_DOWN = "the server shut down before this request finished; retry on another replica or later"
 
 
 def _record(request: Request, result: GenerationResult) -> None:

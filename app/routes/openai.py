@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import Authorized, EngineDep, cancel_on_disconnect, served_model_id
-from app.errors import ApiError, openai_error_body
+from app.errors import SHUT_DOWN, ApiError, openai_error_body, queue_refusal
 from app.openai_schemas import (
     OPENAI_ERROR_RESPONSES,
     Completion,
@@ -62,7 +62,6 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authorized],
                    responses={401: OPENAI_ERROR_RESPONSES[401]})
 
 OWNED_BY = "charlm"
-SHUT_DOWN = "the server shut down before this request finished; retry on another replica or later"
 
 # The engine's names for what OpenAI's clients call otherwise: an error names the parameter sent.
 _PARAMS = {"seed": "prompt", "text": "prompt", "length": "max_tokens", "random_seed": "seed", "top_k": "logprobs",
@@ -279,18 +278,14 @@ def submit(plan: Plan, request: Request, engine: Engine) -> Work:
     return Work(scorings, gens)
 
 
-def refusal(exc: Exception, request: Request) -> ApiError:
+def refusal(exc: InvalidParameter | QueueFullError | EngineClosedError, request: Request) -> ApiError:
     """A request the engine would not queue, as the error the client gets (and counted)."""
     metrics = request.app.state.metrics
     if isinstance(exc, InvalidParameter):
         metrics.rejections.labels("invalid").inc()
         param = _PARAMS.get(exc.field, exc.field)
         return ApiError(400, f"Invalid value for '{param}': {exc.message}", param=param)
-    if isinstance(exc, QueueFullError):
-        metrics.rejections.labels("queue_full").inc()
-        return ApiError(429, str(exc), headers={"Retry-After": "1"})
-    metrics.rejections.labels("shutting_down").inc()
-    return ApiError(503, str(exc), headers={"Retry-After": "1"})
+    return queue_refusal(exc, request)
 
 
 def engine_error(exc: BaseException) -> ApiError:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.deps import Authorized, EngineDep, cancel_on_disconnect
-from app.errors import ApiError, request_error_detail
+from app.errors import SHUT_DOWN, ApiError, queue_refusal, request_error_detail
 from app.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
 from charlm.engine import (
     EngineClosedError,
@@ -21,7 +21,6 @@ from charlm.sampling import InvalidParameter
 
 router = APIRouter(tags=["score"], dependencies=[Authorized], responses=ERROR_RESPONSES)
 
-SHUT_DOWN = "the server shut down before this request finished; retry on another replica or later"
 
 
 def submit_score(engine: EngineDep, request: Request, text: str, top_k: int) -> Scoring:
@@ -33,12 +32,8 @@ def submit_score(engine: EngineDep, request: Request, text: str, top_k: int) -> 
         metrics.rejections.labels("invalid").inc()
         raise ApiError(422, f"invalid request: {exc.field}: {exc.message}", [request_error_detail(exc)],
                        param=exc.field) from None
-    except QueueFullError as exc:
-        metrics.rejections.labels("queue_full").inc()
-        raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
-    except EngineClosedError as exc:
-        metrics.rejections.labels("shutting_down").inc()
-        raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
+    except (QueueFullError, EngineClosedError) as exc:
+        raise queue_refusal(exc, request) from None
 
 
 async def scored(request: Request, scoring: Scoring) -> ScoreResult:
