@@ -111,12 +111,15 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace, corpus: list[str]) -> TrainConfig:
     """TrainConfig from the parsed flags; its own refusals (e.g. --out naming the corpus) become usage errors
     that name the flag."""
-    from charlm.train import TrainConfig, TrainConfigError, option_of
+    from charlm.distributed import World
+    from charlm.train import TrainConfig, TrainConfigError, check_batch_split, option_of
 
     options = {f.name: option_of(f) for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name, option in options.items() if option and option.cli}
     try:
-        return TrainConfig(**{**values, "corpus": tuple(corpus), "corpus_names": tuple(args.corpus)})
+        cfg = TrainConfig(**{**values, "corpus": tuple(corpus), "corpus_names": tuple(args.corpus)})
+        check_batch_split(cfg, World.from_env())
+        return cfg
     except TrainConfigError as exc:
         option = options.get(exc.field)
         flag = _flag(exc.field, option) if option else exc.field
@@ -127,6 +130,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from charlm.corpus_source import fetch_corpus
+    from charlm.distributed import World
     from charlm.train import train
 
     if args.steps is None and args.time_budget is None:
@@ -158,8 +162,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()  # ends the bar's line: an error printed next starts on its own line
     note = "interrupted; saved" if result.interrupted else "done"
-    print(f"{note}: step {result.step}, {result.seconds:.0f} s, best held-out {result.best_val_bpc:.4f} bpc "
-          f"-> {args.out}", file=sys.stderr)
+    if World.from_env().main:  # under torchrun, rank 0 evaluated and wrote: it alone reports
+            print(f"{note}: step {result.step}, {result.seconds:.0f} s, best held-out {result.best_val_bpc:.4f} bpc "
+              f"-> {args.out}", file=sys.stderr)
     return 130 if result.interrupted else 0
 
 

@@ -21,14 +21,17 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from charlm import __version__
 from charlm.checkpoint import CheckpointError, load_checkpoint, read_safetensors, save_checkpoint
 from charlm.corpora import CorpusSet, load_corpora
 from charlm.device import PRECISIONS, resolve_device, resolve_precision
+from charlm.distributed import StopSignals, World, all_max, all_rows, all_sum, barrier, process_group
 from charlm.exit_codes import input_errors
 from charlm.files import atomic_write
 from charlm.model import CharLSTM, ModelConfig, State
@@ -306,14 +309,23 @@ class _Streams:
             )
         self.ids, self.batch, self.seq_len, self.random_seed = ids, batch, seq_len, random_seed
 
-    def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(inputs, targets) as (B, L) streams for this epoch, and its number of windows."""
+    def epoch(self, epoch: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(inputs, targets) as (B, L) streams for this epoch (only `rows` of them: a process's share),
+        and its number of windows."""
         rng = torch.Generator().manual_seed(self.random_seed + epoch)
         offset = int(torch.randint(self.seq_len, (1,), generator=rng))
         length = (len(self.ids) - 1 - offset) // self.batch
         x = self.ids[offset : offset + self.batch * length].view(self.batch, length)
         y = self.ids[offset + 1 : offset + 1 + self.batch * length].view(self.batch, length)
-        return x, y, length // self.seq_len
+        return x[rows], y[rows], length // self.seq_len
+
+
+def _seed_rng(random_seed: int, step: int, rank: int) -> None:
+    """Seed this process's RNG (dropout) from the run's seed, the step and the rank."""
+    seed = int(np.random.SeedSequence([random_seed, step, rank]).generate_state(1, np.uint64)[0])
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
 
 
 def _lr(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -323,25 +335,24 @@ def _lr(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def _save_state(
-    cfg: TrainConfig, model: CharLSTM, opt: torch.optim.Optimizer, carry: State, info: dict[str, Any]
+    cfg: TrainConfig, model: CharLSTM, opt: torch.optim.Optimizer, run: dict[str, torch.Tensor], info: dict[str, Any]
 ) -> None:
-    """Everything needed to continue exactly, as safetensors + JSON: loading it never unpickles."""
+    """Everything needed to continue exactly, as safetensors + JSON: loading it never unpickles.
+    `run` holds the carried state (carry.h, carry.c) and each rank's RNG (rng.cpu, rng.cuda: a row each)."""
     sd = opt.state_dict()
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for idx, st in sd["state"].items():
         for name, value in st.items():
             tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["carry.h"], tensors["carry.c"] = (t.detach().cpu().contiguous() for t in carry)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in run.items()})
     meta = {"charlm.state": json.dumps({**info, "param_groups": sd["param_groups"]})}
     atomic_write(cfg.state_path, save(tensors, metadata=meta))
 
 
 def _load_state(
-    cfg: TrainConfig, model: CharLSTM, opt: torch.optim.Optimizer, device: torch.device, corpus_sha: str
-) -> tuple[dict[str, Any], State]:
+    cfg: TrainConfig, model: CharLSTM, opt: torch.optim.Optimizer, corpus_sha: str
+) -> tuple[dict[str, Any], State, dict[str, torch.Tensor]]:
+    """The saved counters, the carried state of all streams (on the CPU) and the RNG states, a row per rank."""
     tensors, meta = read_safetensors(cfg.state_path)
     try:
         info = json.loads(meta["charlm.state"])
@@ -355,10 +366,11 @@ def _load_state(
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return info, (tensors["carry.h"].to(device), tensors["carry.c"].to(device))
+    rng = {k[4:]: v if v.dim() == 2 else v[None] for k, v in tensors.items() if k.startswith("rng.")}
+    size = torch.get_rng_state().numel()
+    if "cpu" not in rng or rng["cpu"].dtype != torch.uint8 or rng["cpu"].shape[1:] != (size,):
+        raise ResumeError(f"{cfg.state_path} has no valid RNG state (rng.cpu: {size} bytes per process)")
+    return info, (tensors["carry.h"], tensors["carry.c"]), rng
 
 
 def _check_resumable(cfg: TrainConfig, info: dict[str, Any], corpus_sha: str, model_cfg: ModelConfig) -> None:
@@ -439,22 +451,41 @@ _VOCAB_ROWS = ("embedding.weight", "fc.weight", "fc.bias")
 def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     """Train (or resume) and keep the best checkpoint by held-out bpc at `cfg.out`.
 
-    A KeyboardInterrupt stops the loop; what was learnt is evaluated and saved before returning.
+    Under torchrun each process trains its share of the streams and DDP averages the gradients;
+    rank 0 evaluates and writes the files. SIGINT/SIGTERM (or a KeyboardInterrupt) stop the loop;
+    what was learnt is saved and evaluated before returning.
     """
-    return _Trainer(cfg, progress).run()
+    world = World.from_env()
+    check_batch_split(cfg, world)
+    device = world.device(resolve_device(cfg.device))
+    with process_group(world, device):
+        return _Trainer(cfg, progress, world, device).run()
+
+
+def check_batch_split(cfg: TrainConfig, world: World) -> None:
+    """Each process trains batch_size / WORLD_SIZE of the streams: refuse a batch that does not split."""
+    if cfg.batch_size % world.size:
+        below = cfg.batch_size - cfg.batch_size % world.size
+        options = ", ".join(str(b) for b in (below, below + world.size) if b > 0)
+        raise TrainConfigError("batch_size", f"batch_size {cfg.batch_size} does not split across {world.size} "
+                                             f"processes: each trains batch_size / {world.size} streams; use a "
+                                             f"multiple of {world.size} (e.g. {options})")
 
 
 class _Trainer:
-    """One run: data, model and optimizer, and the counters (`info`) that a resume restores."""
+    """One run (one process's part of it under torchrun): data, model and optimizer, and the counters
+    (`info`) that a resume restores."""
 
-    def __init__(self, cfg: TrainConfig, progress: ProgressFn | None):
+    def __init__(self, cfg: TrainConfig, progress: ProgressFn | None, world: World | None = None,
+                 device: torch.device | None = None):
         cfg.validate()
         if cfg.resume and not cfg.state_path.exists():
             raise ResumeError(f"nothing to resume: {cfg.state_path} does not exist; run without --resume to start "
                               "a new run")
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress, self.world = cfg, progress, world or World()
+        self.device = device or resolve_device(cfg.device)
         self.metrics_warned = False
-        self.device = resolve_device(cfg.device)
+        self.evaluations = 0  # checkpoint() calls in this process's run
         dtype = resolve_precision(cfg.precision, self.device)  # refused before anything is touched
         self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         self.precision = "bf16" if dtype is not None else "fp32"
@@ -465,26 +496,53 @@ class _Trainer:
         self.corpus_sha = self.data.sha256
         self.val_ids = self.data.val_ids()
         self.streams = _Streams(self.data.train_ids(), cfg.batch_size, cfg.seq_len, cfg.random_seed)
+        world = self.world
+        share = cfg.batch_size // world.size  # this process's contiguous rows of the streams
+        self.rows = slice(world.rank * share, (world.rank + 1) * share)
         self.model_cfg = ModelConfig(len(self.vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
         self.model = CharLSTM(self.model_cfg).to(self.device)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
         )
-        shape = (cfg.layers, cfg.batch_size, cfg.hidden)
+        shape = (cfg.layers, share, cfg.hidden)
         self.carry: State = (torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
         self.info: dict[str, Any] = {"step": 0, "epoch": 0, "window": 0, "seconds": 0.0, "chars": 0,
                                      "best_val_bpc": math.inf, "best_step": 0, "init_from": None}
         if cfg.init_from:
             self.info["init_from"] = self._start_from(cfg.init_from)
+        if world.rank:  # dropout draws differ between the ranks; rank 0 keeps a single process's stream
+            _seed_rng(cfg.random_seed, 0, world.rank)
         if cfg.resume:
-            with input_errors(ResumeError, cfg.state_path, "charlm training state"):
-                saved, self.carry = _load_state(cfg, self.model, self.opt, self.device, self.corpus_sha)
-            self.info.update({k: saved.get(k, v) for k, v in self.info.items()})
-            self.rewind_metrics()
-        else:
+            self._resume()
+        elif world.main:
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)  # metrics are appended before the first save
             cfg.metrics_path.unlink(missing_ok=True)
-        self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"])
+        self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"], self.rows)
+        # DDP averages the gradients of the ranks' shares: the same step as one process with the whole batch
+        self.ddp: torch.nn.Module = self.model
+        if world.distributed:
+            gpu = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=gpu)
+
+    def _resume(self) -> None:
+        """Restore weights, optimizer, counters, this rank's rows of the carried state and its RNG."""
+        cfg, world = self.cfg, self.world
+        with input_errors(ResumeError, cfg.state_path, "charlm training state"):
+            saved, carry, rng = _load_state(cfg, self.model, self.opt, self.corpus_sha)
+            self.carry = (carry[0][:, self.rows].to(self.device), carry[1][:, self.rows].to(self.device))
+            saved_size = saved.get("world_size", 1)
+            if saved_size == world.size:
+                torch.set_rng_state(rng["cpu"][world.rank].clone())  # a row of its own: set_state reads from 0
+                if "cuda" in rng and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"][world.rank].clone(), self.device)
+        self.info.update({k: saved.get(k, v) for k, v in self.info.items()})
+        if saved_size != world.size:
+            _seed_rng(cfg.random_seed, self.info["step"], world.rank)
+            if world.main:
+                log.warning("resuming a run of %d process(es) with %d: the same data, weights and optimizer; dropout "
+                            "draws differ from the uninterrupted run", saved_size, world.size)
+        if world.main:
+            self.rewind_metrics()
 
     def _start_from(self, path: str) -> dict[str, Any]:
         """Load a trained checkpoint's weights (same sizes; dropout and schedule are this run's) and return
@@ -520,44 +578,66 @@ class _Trainer:
                 **{k: ckpt.train.get(k) for k in ("steps", "seconds", "val_bpc", "hyperparameters", "init_from")}}
 
     def run(self) -> TrainResult:
-        cfg, info = self.cfg, self.info
         self.model.train()
         interrupted = False
-        window_t0, window_chars = time.perf_counter(), 0
-        try:
-            while self.progress_fraction() < 1.0:
-                t0 = time.perf_counter()
-                x, y = self.next_window()
-                lr = _lr(cfg, info["step"], self.progress_fraction())
-                loss = self.step(x, y, lr)
-                info["step"] += 1
-                info["window"] += 1
-                info["chars"] += x.numel()
-                window_chars += x.numel()
-                info["seconds"] += time.perf_counter() - t0
-                if info["step"] % cfg.log_interval == 0:
-                    now = time.perf_counter()
-                    self.log({"step": info["step"], "seconds": round(info["seconds"], 2),
-                              "train_bpc": loss.item() / LN2, "lr": lr,
-                              "chars_per_s": window_chars / (now - window_t0), "progress": self.progress_fraction()})
-                    window_t0, window_chars = now, 0
-                if info["step"] % cfg.eval_interval == 0:
-                    t_eval = time.perf_counter()
-                    self.checkpoint()
-                    info["seconds"] += time.perf_counter() - t_eval
-                    window_t0, window_chars = time.perf_counter(), 0
-        except KeyboardInterrupt:
-            interrupted = True
-        if info["step"] % cfg.eval_interval != 0 or interrupted or not Path(cfg.out).exists():
-            self.checkpoint()
+        self.meter = (time.perf_counter(), 0)  # (start, characters) of the chars/s reported in the next log row
+        with StopSignals() as stop:
+            try:
+                while not (interrupted := self.agree_to_stop(stop)) and self.progress_fraction() < 1.0:
+                    self.train_window()
+            except KeyboardInterrupt:
+                interrupted = True
+            if interrupted:  # first the state (fast): a second signal during the evaluation then loses nothing
+                self.save_state(self.gather_state())
+            if self.info["step"] % self.cfg.eval_interval != 0 or interrupted or self.evaluations == 0:
+                self.checkpoint()
+            barrier(self.world, self.device)  # no rank leaves (or fails the launcher) while rank 0 still writes
+        info = self.info
         return TrainResult(info["step"], info["seconds"], info["best_val_bpc"], interrupted, self.summary())
+
+    def train_window(self) -> None:
+        """One optimizer step on the next window, then the log row and evaluation when they are due."""
+        cfg, info = self.cfg, self.info
+        t0 = time.perf_counter()
+        x, y = self.next_window()
+        lr = _lr(cfg, info["step"], self.progress_fraction())
+        loss = self.step(x, y, lr)
+        chars = x.numel() * self.world.size
+        info["step"] += 1
+        info["window"] += 1
+        info["chars"] += chars
+        info["seconds"] += time.perf_counter() - t0
+        self.meter = (self.meter[0], self.meter[1] + chars)
+        if info["step"] % cfg.log_interval == 0:
+            loss = self.mean_over_ranks(loss)
+            now = time.perf_counter()
+            self.log({"step": info["step"], "seconds": round(info["seconds"], 2), "train_bpc": loss.item() / LN2,
+                      "lr": lr, "chars_per_s": self.meter[1] / (now - self.meter[0]),
+                      "progress": self.progress_fraction()})
+            self.meter = (now, 0)
+        if info["step"] % cfg.eval_interval == 0:
+            t_eval = time.perf_counter()
+            self.checkpoint()
+            info["seconds"] += time.perf_counter() - t_eval
+            self.meter = (time.perf_counter(), 0)
+
+    def agree_to_stop(self, stop: StopSignals) -> bool:
+        """Whether to stop now: asked by a signal on any rank. Ranks also adopt the longest clock, so a
+        time budget ends on every rank at the same step."""
+        if not self.world.distributed:
+            return stop.requested
+        self.info["seconds"], anyone = all_max([self.info["seconds"], float(stop.requested)], self.device)
+        return anyone > 0
+
+    def mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        return all_sum(loss) / self.world.size if self.world.distributed else loss
 
     def next_window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets) window of every stream; a new epoch starts from a zero state."""
         info, seq_len = self.info, self.cfg.seq_len
         if info["window"] >= self.windows:
             info["epoch"], info["window"] = info["epoch"] + 1, 0
-            self.x_all, self.y_all, self.windows = self.streams.epoch(info["epoch"])
+            self.x_all, self.y_all, self.windows = self.streams.epoch(info["epoch"], self.rows)
             self.carry = (torch.zeros_like(self.carry[0]), torch.zeros_like(self.carry[1]))
         s = info["window"] * seq_len
         x = self.x_all[:, s : s + seq_len].to(self.device, non_blocking=True)
@@ -570,7 +650,7 @@ class _Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.autocast:
-            _, state, loss = self.model(x, self.carry, y)
+            _, state, loss = self.ddp(x, self.carry, y)
         self.carry = (state[0].detach().float(), state[1].detach().float())
         self.opt.zero_grad(set_to_none=True)
         assert loss is not None
@@ -588,9 +668,14 @@ class _Trainer:
             fractions.append(self.info["seconds"] / self.cfg.time_budget)
         return max(fractions)
 
-    def checkpoint(self) -> float:
+    def checkpoint(self) -> None:
         """Evaluate every corpus's held-out tail; save the model if the selected corpus's bpc is the best yet,
-        and always the resume state and plot."""
+        and always the resume state and plot. Every rank takes part (the state holds every rank's rows);
+        rank 0 alone evaluates and writes, while the others wait in their next collective."""
+        self.evaluations += 1
+        state = self.gather_state()
+        if not self.world.main:
+            return
         cfg, info = self.cfg, self.info
         results = [evaluate(self.model, ids) for ids in self.val_ids]
         bpc = results[self.selected]["bpc"]
@@ -598,9 +683,7 @@ class _Trainer:
             info["best_val_bpc"] = bpc
             info["best_step"] = info["step"]
             save_checkpoint(cfg.out, self.model, self.vocab, self.summary())
-        state_info = {**info, "corpus_sha256": self.corpus_sha, "model": self.model_cfg.to_dict(),
-                      "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
-        _save_state(cfg, self.model, self.opt, self.carry, state_info)
+        self.save_state(state)
         row: dict[str, Any] = {"step": info["step"], "seconds": round(info["seconds"], 2), "val_bpc": bpc}
         if len(results) > 1:
             nats = sum(r["nats"] * r["chars"] for r in results) / sum(r["chars"] for r in results)
@@ -608,7 +691,24 @@ class _Trainer:
             row["val_bpc_by_corpus"] = {name: r["bpc"] for name, r in zip(self.data.names, results)}
         self.log(row)
         _plot(cfg, self.read_metrics())
-        return bpc
+
+    def gather_state(self) -> dict[str, torch.Tensor]:
+        """The carried state of every stream and each rank's RNG, in rank order (a collective under torchrun):
+        the carry is laid out as one process's would be, so any number of processes can resume it."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if not self.world.distributed:
+            return {"carry.h": self.carry[0], "carry.c": self.carry[1], **{f"rng.{k}": v[None] for k, v in rng.items()}}
+        return {"carry.h": all_rows(self.carry[0], 1, self.device), "carry.c": all_rows(self.carry[1], 1, self.device),
+                **{f"rng.{k}": all_rows(v[None], 0, self.device) for k, v in rng.items()}}
+
+    def save_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.world.main:
+            cfg = self.cfg
+            info = {**self.info, "corpus_sha256": self.corpus_sha, "model": self.model_cfg.to_dict(),
+                    "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "world_size": self.world.size}
+            _save_state(cfg, self.model, self.opt, tensors, info)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """This run's metrics rows; lines that are not JSON objects are left out, with one warning per run."""
@@ -629,6 +729,8 @@ class _Trainer:
         atomic_write(self.cfg.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def log(self, row: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
         with self.cfg.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.progress:
@@ -654,6 +756,7 @@ class _Trainer:
             "epochs": round(info["chars"] / data.train_chars(), 2),
             "seconds": round(info["seconds"], 1),
             "device": str(self.device),
+            "processes": self.world.size,
             "precision": self.precision,
             "val_bpc": round(info["best_val_bpc"], 4),
             "hyperparameters": {k: v for k, v in asdict(cfg).items() if k in hyper},
