@@ -1,8 +1,8 @@
 """A torchrun worker for the tests: trains like `charlm train` and, when asked, signals the launcher.
 
-`torchrun ... tests/ddp_worker.py CONFIG_JSON [--signal-launcher-at STEP]`: rank 0 sends SIGTERM to
+`torchrun ... tests/ddp_worker.py CONFIG_JSON --report DIR [--signal-launcher-at STEP]`: rank 0 sends SIGTERM to
 torchrun once STEP is logged, as Kubernetes or a user would, then waits until the signal torchrun
-passes back has reached this process, so the run is interrupted however fast the machine is.
+passes on has reached this process, so the run is interrupted however fast the machine is.
 """
 
 from __future__ import annotations
@@ -12,30 +12,38 @@ import json
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from charlm.train import TrainConfig, train
 
-STOP = {signal.SIGINT, signal.SIGTERM}
+STOP = (signal.SIGINT, signal.SIGTERM)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("config", help="TrainConfig fields as JSON")
+    parser.add_argument("--report", required=True, help="folder for each rank's rank<N>.json")
     parser.add_argument("--signal-launcher-at", type=int)
     args = parser.parse_args()
     cfg = TrainConfig(**json.loads(args.config))
 
     def progress(row: dict[str, Any]) -> None:
         if "train_bpc" in row and row["step"] == args.signal_launcher_at:
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
+            received: list[int] = []
+            trainers = {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in STOP}
             os.kill(os.getppid(), signal.SIGTERM)  # the launcher
-            received = signal.sigwait(STOP)  # what torchrun sends every worker in turn
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            signal.raise_signal(received)  # now to the trainer's handler
+            while not received:  # until the signal torchrun passes on reaches this process, however long
+                time.sleep(0.01)
+            for sig, handler in trainers.items():
+                signal.signal(sig, handler)
+            signal.raise_signal(received[0])  # now to the trainer's handler
 
     result = train(cfg, progress)
-    print(json.dumps({"rank": os.environ["RANK"], "step": result.step, "interrupted": result.interrupted}))
+    rank = int(os.environ["RANK"])
+    report = {"rank": rank, "pid": os.getpid(), "step": result.step, "interrupted": result.interrupted}
+    Path(args.report, f"rank{rank}.json").write_text(json.dumps(report))
     return 130 if result.interrupted else 0
 
 
