@@ -248,7 +248,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "train": ("train a model on a text file or URL", _add_train, _cmd_train),
+    "train": ("train a model on a text file or URL (on several processes: under torchrun)", _add_train, _cmd_train),
     "eval": ("held-out bits per character of a checkpoint on a corpus", _add_eval, _cmd_eval),
     "generate": ("continue a seed text", _add_generate, _cmd_generate),
     "serve": ("serve a checkpoint over HTTP (settings also from CHARLM_* variables)", _add_serve, _cmd_serve),

@@ -160,6 +160,19 @@ def test_a_one_process_run_resumes_with_two(two_ranks: tuple[Path, str], corpus_
     assert max_weight_difference(two_ranks[0], part) < 1e-5
 
 
+def test_init_from_under_torchrun_matches_one_process(tiny_checkpoint_path: Path, corpus_path: Path,
+                                                     tmp_path: Path) -> None:
+    """Every rank starts from the checkpoint's weights (DDP also broadcasts rank 0's)."""
+    settings = dict(steps=5, eval_interval=5, init_from=str(tiny_checkpoint_path))
+    two, one = tmp_path / "two.safetensors", tmp_path / "one.safetensors"
+    proc = torchrun("-m", "charlm", "train", *cli_flags(tiny_config(corpus_path, two, **settings)),
+                    "--init-from", str(tiny_checkpoint_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(tiny_config(corpus_path, one, **settings))
+    assert max_weight_difference(two, one) < 1e-5
+    assert load(str(two), "cpu").train["init_from"]["checkpoint"] == tiny_checkpoint_path.name
+
+
 def test_a_batch_that_does_not_split_is_refused_before_any_work(corpus_path: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
