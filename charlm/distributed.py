@@ -78,23 +78,35 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    yield
+    # only after a run that ended well: destroying the group while another rank is still inside a
+    # collective (because this one failed) can hang, and torchrun ends the others anyway
+    dist.destroy_process_group()
+
+
+_last_work: list[dist.Work] = []
+
+
+def _wait(work: dist.Work | None) -> None:
+    """Wait for a collective and hold its handle until the next one. Whoever drops a handle last frees
+    its tensors, which takes the GIL; if that is one of gloo's threads while the interpreter is shutting
+    down, the process aborts (SIGABRT after a finished run). Held here, the last one is freed by Python."""
+    assert work is not None
+    work.wait()
+    _last_work[:] = [work]
 
 
 def all_max(values: list[float], device: torch.device) -> list[float]:
     """Each value's largest across the ranks."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True))
     return t.tolist()
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum across the ranks (a new tensor; gloo has no AVG, so means divide this by the world size)."""
     t = t.detach().clone()
-    dist.all_reduce(t)
+    _wait(dist.all_reduce(t, async_op=True))
     return t
 
 
@@ -102,13 +114,13 @@ def all_rows(t: torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
     """Every rank's `t`, concatenated along `dim` in rank order (on the CPU)."""
     local = t.detach().to(device).contiguous()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
+    _wait(dist.all_gather(parts, local, async_op=True))
     return torch.cat(parts, dim=dim).cpu()
 
 
 def barrier(world: World, device: torch.device) -> None:
     if world.distributed:
-        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+        _wait(dist.barrier(device_ids=[device.index] if device.type == "cuda" else None, async_op=True))
 
 
 class StopSignals:

@@ -199,8 +199,21 @@ def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeyp
             return schedule(*args, **kwargs)
 
         monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+        # the worker takes a step only when the reader has taken a chunk (one step of slack), so the
+        # reader sees the text in many pieces however fast the machine decodes
+        steps, step = threading.Semaphore(1), engine._step
+
+        def paced_step() -> None:
+            steps.acquire()
+            step()
+
+        monkeypatch.setattr(engine, "_step", paced_step)
         streamed = engine.submit(GenerationRequest("The ", length=200, random_seed=4))
-        chunks = [chunk async for chunk in streamed]
+        chunks = []
+        async for chunk in streamed:
+            chunks.append(chunk)
+            steps.release()
+        monkeypatch.setattr(engine, "_step", step)
         streamed_wakeups, wakeups = wakeups, 0
         awaited = await engine.submit(GenerationRequest("The ", length=200, random_seed=4)).wait()
         awaited_wakeups = wakeups
@@ -211,7 +224,7 @@ def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeyp
         return chunks, awaited.generated, streamed_wakeups, awaited_wakeups, late_chunks
 
     chunks, text, streamed_wakeups, awaited_wakeups, late_chunks = asyncio.run(consume())
-    assert "".join(chunks) == text and len(chunks) > 10
+    assert "".join(chunks) == text and len(chunks) >= 100  # about one piece per step
     assert 1 < streamed_wakeups <= len(chunks) + 2  # at most one wakeup per look, plus the finish
     assert awaited_wakeups == 1  # the finish only: an awaiting handler is not woken per character
     assert late_chunks == [text]  # a reader that fell behind gets what is waiting in one piece

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import shutil
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.main import create_app
+from app.routes import generate as generate_routes
 from app.settings import Settings
 from charlm import native
 
@@ -84,19 +86,34 @@ def test_stream_event_order_and_content(client: TestClient) -> None:
     assert done["finish_reason"] == "length" and done["usage"]["generated_chars"] == 60 and "timings" in done
 
 
-def test_stream_sends_at_most_one_text_event_per_interval(tiny_checkpoint_path: Path) -> None:
+def test_stream_sends_at_most_one_text_event_per_interval(tiny_checkpoint_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     request = {"seed": "The ", "length": 800, "random_seed": 11}
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
 
     def text_events(interval_ms: int) -> tuple[list[str], str]:
-        with TestClient(create_app(settings_for(tiny_checkpoint_path, stream_interval_ms=interval_ms))) as c:
+        app = create_app(settings_for(tiny_checkpoint_path, stream_interval_ms=interval_ms))
+        with TestClient(app) as c:
+            engine = app.state.engine
+            before = engine.stats.completed  # the warm-up generation
+
+            async def pause_until_done(seconds: float) -> None:
+                """The handler's pause, lasting until the generation has ended, however fast the machine."""
+                pauses.append(seconds)
+                while engine.stats.completed == before:
+                    await real_sleep(0.001)
+
+            monkeypatch.setattr(generate_routes, "sleep", pause_until_done)
             with c.stream("POST", "/generate/stream", json=request) as r:
                 events = parse_sse(r.read().decode())
             return [d["text"] for k, d in events if k == "text"], c.post("/generate", json=request).json()["generated"]
 
-    each, generated = text_events(0)  # an event whenever the handler finds new text
-    assert len(each) > 2 and "".join(each) == generated
-    paced, generated = text_events(1000)  # what was there at once, then the rest a second later
+    each, generated = text_events(0)  # an event whenever the handler finds new text, no pause
+    assert pauses == [] and "".join(each) == generated
+    paced, generated = text_events(1000)  # what was there at once, then everything sampled during the pause
     assert 1 <= len(paced) <= 2 and "".join(paced) == generated
+    assert pauses == [1.0] * len(paced)  # one interval after each event
 
 
 def test_stream_refusals_are_json_errors(client: TestClient) -> None:

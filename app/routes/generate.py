@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+from asyncio import sleep
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -84,7 +84,7 @@ async def generate_stream(request: Request, gen: Submitted) -> AsyncIterator[Ser
         async for chunk in gen:
             yield ServerSentEvent(data={"text": chunk}, event="text")
             if interval:
-                await asyncio.sleep(interval)  # what arrives meanwhile goes out as one event
+                await sleep(interval)  # what arrives meanwhile goes out as one event
         result = await gen.wait()
     except GenerationFailed as exc:
         yield ServerSentEvent(data={"error": {"type": "internal_error", "message": str(exc)}}, event="error")
