@@ -111,15 +111,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace, corpus: list[str]) -> TrainConfig:
     """TrainConfig from the parsed flags; its own refusals (e.g. --out naming the corpus) become usage errors
     that name the flag."""
-    from charlm.distributed import World
-    from charlm.train import TrainConfig, TrainConfigError, check_batch_split, option_of
+    from charlm.train import TrainConfig, TrainConfigError, option_of
 
     options = {f.name: option_of(f) for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name, option in options.items() if option and option.cli}
     try:
-        cfg = TrainConfig(**{**values, "corpus": tuple(corpus), "corpus_names": tuple(args.corpus)})
-        check_batch_split(cfg, World.from_env())
-        return cfg
+        return TrainConfig(**{**values, "corpus": tuple(corpus), "corpus_names": tuple(args.corpus)})
     except TrainConfigError as exc:
         option = options.get(exc.field)
         flag = _flag(exc.field, option) if option else exc.field
@@ -131,12 +128,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from charlm.corpus_source import fetch_corpus
     from charlm.distributed import World
-    from charlm.train import train
+    from charlm.train import TrainConfigError, check_batch_split, train
 
     if args.steps is None and args.time_budget is None:
         raise argparse.ArgumentTypeError("give --steps or --time-budget")
     if args.resume and args.init_from:
         raise argparse.ArgumentTypeError("give --resume or --init-from, not both")
+    try:
+        check_batch_split(args.batch_size, World.from_env())  # under torchrun; before any download
+    except TrainConfigError as exc:
+        raise argparse.ArgumentTypeError(f"argument --batch-size: {exc}") from None
     paths = [str(fetch_corpus(source, args.cache_dir)) for source in args.corpus]
     cfg = _train_config(args, paths)
     by_time = args.steps is None
@@ -163,7 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             bar.close()  # ends the bar's line: an error printed next starts on its own line
     note = "interrupted; saved" if result.interrupted else "done"
     if World.from_env().main:  # under torchrun, rank 0 evaluated and wrote: it alone reports
-            print(f"{note}: step {result.step}, {result.seconds:.0f} s, best held-out {result.best_val_bpc:.4f} bpc "
+        print(f"{note}: step {result.step}, {result.seconds:.0f} s, best held-out {result.best_val_bpc:.4f} bpc "
               f"-> {args.out}", file=sys.stderr)
     return 130 if result.interrupted else 0
 

@@ -128,7 +128,8 @@ class StopSignals:
 
     Raising KeyboardInterrupt inside a collective would leave the other ranks waiting there, so the
     first signal only sets `requested`; a second one interrupts at once. torchrun passes the signal
-    it gets (Ctrl-C, or SIGTERM from Kubernetes) on to every worker and kills them 30 s later.
+    it gets (Ctrl-C, or SIGTERM from Kubernetes) on to every worker and kills them 30 s later. The
+    interrupted step may be half done, so the run then saves nothing: the last saved state stays.
     Handlers can only be set from the main thread; elsewhere this does nothing.
     """
 
@@ -136,6 +137,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested = False
+        self.forced = False  # a second signal: it raised KeyboardInterrupt wherever the run was
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -149,5 +151,6 @@ class StopSignals:
 
     def _handle(self, _signum: int, _frame: FrameType | None) -> None:
         if self.requested:
+            self.forced = True
             raise KeyboardInterrupt
         self.requested = True

@@ -455,19 +455,20 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     rank 0 evaluates and writes the files. SIGINT/SIGTERM (or a KeyboardInterrupt) stop the loop;
     what was learnt is saved and evaluated before returning.
     """
+    cfg.validate()
     world = World.from_env()
-    check_batch_split(cfg, world)
+    check_batch_split(cfg.batch_size, world)
     device = world.device(resolve_device(cfg.device))
     with process_group(world, device):
         return _Trainer(cfg, progress, world, device).run()
 
 
-def check_batch_split(cfg: TrainConfig, world: World) -> None:
+def check_batch_split(batch_size: int, world: World) -> None:
     """Each process trains batch_size / WORLD_SIZE of the streams: refuse a batch that does not split."""
-    if cfg.batch_size % world.size:
-        below = cfg.batch_size - cfg.batch_size % world.size
+    if batch_size % world.size:
+        below = batch_size - batch_size % world.size
         options = ", ".join(str(b) for b in (below, below + world.size) if b > 0)
-        raise TrainConfigError("batch_size", f"batch_size {cfg.batch_size} does not split across {world.size} "
+        raise TrainConfigError("batch_size", f"batch_size {batch_size} does not split across {world.size} "
                                              f"processes: each trains batch_size / {world.size} streams; use a "
                                              f"multiple of {world.size} (e.g. {options})")
 
@@ -485,7 +486,6 @@ class _Trainer:
         self.cfg, self.progress, self.world = cfg, progress, world or World()
         self.device = device or resolve_device(cfg.device)
         self.metrics_warned = False
-        self.evaluations = 0  # checkpoint() calls in this process's run
         dtype = resolve_precision(cfg.precision, self.device)  # refused before anything is touched
         self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         self.precision = "bf16" if dtype is not None else "fp32"
@@ -507,7 +507,8 @@ class _Trainer:
         shape = (cfg.layers, share, cfg.hidden)
         self.carry: State = (torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
         self.info: dict[str, Any] = {"step": 0, "epoch": 0, "window": 0, "seconds": 0.0, "chars": 0,
-                                     "best_val_bpc": math.inf, "best_step": 0, "init_from": None}
+                                     "best_val_bpc": math.inf, "best_step": 0, "evaluated_step": -1,
+                                     "init_from": None}
         if cfg.init_from:
             self.info["init_from"] = self._start_from(cfg.init_from)
         if world.rank:  # dropout draws differ between the ranks; rank 0 keeps a single process's stream
@@ -518,11 +519,26 @@ class _Trainer:
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)  # metrics are appended before the first save
             cfg.metrics_path.unlink(missing_ok=True)
         self.x_all, self.y_all, self.windows = self.streams.epoch(self.info["epoch"], self.rows)
+        if world.distributed:
+            self._check_ranks_agree()
         # DDP averages the gradients of the ranks' shares: the same step as one process with the whole batch
         self.ddp: torch.nn.Module = self.model
         if world.distributed:
             gpu = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=gpu)
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must have read the same text (each node reads its own copy) and resumed the same state
+        (each reads `out`'s sidecar: a stale local copy on one node would silently diverge)."""
+        info = self.info
+        mine = [int(self.corpus_sha[:15], 16), len(self.vocab), info["step"], info["epoch"], info["window"]]
+        ranks = all_rows(torch.tensor([mine], dtype=torch.int64), 0, self.device).tolist()
+        if any(row != ranks[0] for row in ranks):
+            raise ResumeError(
+                "the processes do not agree on their inputs (corpus sha256 prefix, vocabulary size, step, epoch, "
+                f"window): {ranks}; every node needs the same corpus and, to resume, the same state file: put "
+                "--out on a shared volume"
+            )
 
     def _resume(self) -> None:
         """Restore weights, optimizer, counters, this rank's rows of the carried state and its RNG."""
@@ -586,10 +602,14 @@ class _Trainer:
                 while not (interrupted := self.agree_to_stop(stop)) and self.progress_fraction() < 1.0:
                     self.train_window()
             except KeyboardInterrupt:
-                interrupted = True
+                # From a second signal, the step may be half done: keep the last saved state. Under torchrun,
+                # the other ranks are not here (in a collective of their own): leave without one.
+                if stop.forced or self.world.distributed:
+                    raise
+                interrupted = True  # from `progress`, which runs between steps
             if interrupted:  # first the state (fast): a second signal during the evaluation then loses nothing
                 self.save_state(self.gather_state())
-            if self.info["step"] % self.cfg.eval_interval != 0 or interrupted or self.evaluations == 0:
+            if self.info["step"] != self.info["evaluated_step"]:
                 self.checkpoint()
             barrier(self.world, self.device)  # no rank leaves (or fails the launcher) while rank 0 still writes
         info = self.info
@@ -672,7 +692,7 @@ class _Trainer:
         """Evaluate every corpus's held-out tail; save the model if the selected corpus's bpc is the best yet,
         and always the resume state and plot. Every rank takes part (the state holds every rank's rows);
         rank 0 alone evaluates and writes, while the others wait in their next collective."""
-        self.evaluations += 1
+        self.info["evaluated_step"] = self.info["step"]
         state = self.gather_state()
         if not self.world.main:
             return

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 import torch
 
+import charlm.train
 from charlm import generate, load
 from charlm.checkpoint import read_safetensors
 from charlm.cli import main
 from charlm.distributed import StopSignals, World
-from charlm.train import ResumeError, TrainConfig, TrainConfigError, train
+from charlm.train import ResumeError, TrainConfig, TrainConfigError, _Trainer, train
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,9 +206,37 @@ def test_a_first_signal_asks_to_stop_and_a_second_interrupts() -> None:
         assert not stop.requested
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested
+        assert not stop.forced
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+        assert stop.forced
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_saved_state(corpus_path: Path, tmp_path: Path) -> None:
+    """The second signal may land mid-step: nothing is saved then, so the state on disk stays consistent."""
+    out = tmp_path / "m.safetensors"
+
+    def twice_at_7(row: dict[str, Any]) -> None:
+        if row.get("step") == 7 and "train_bpc" in row:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(corpus_path, out, steps=STEPS, eval_interval=5, log_interval=1), twice_at_7)
+    assert state(out)[1]["step"] == 5  # the last periodic save, not the interrupted step
+
+
+def test_ranks_that_read_different_inputs_are_refused(corpus_path: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = _Trainer(tiny_config(corpus_path, tmp_path / "m.safetensors", **RUN), None)
+    mine = [int(trainer.corpus_sha[:15], 16), len(trainer.vocab), 0, 0, 0]
+    other = [mine[0] + 1, *mine[1:]]  # another node's copy of the corpus differs
+    monkeypatch.setattr(charlm.train, "all_rows", lambda t, dim, device: torch.tensor([mine, other]))
+    with pytest.raises(ResumeError, match="do not agree on their inputs.*shared volume"):
+        trainer._check_ranks_agree()
+    monkeypatch.setattr(charlm.train, "all_rows", lambda t, dim, device: torch.tensor([mine, mine]))
+    trainer._check_ranks_agree()
 
 
 def test_a_state_with_a_damaged_rng_is_refused(corpus_path: Path, tmp_path: Path) -> None:

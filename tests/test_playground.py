@@ -231,7 +231,8 @@ def test_settings_reach_the_server_and_copy_curl_repeats_them(server: Server, br
     assert words[:3] == ["curl", "-s", f"{server.url}/generate"]
     assert json.loads(words[words.index("-d") + 1]) == body
     assert "Authorization" not in command  # this server has no key
-    assert text_of(browser, "copy-status")
+    # the status follows the clipboard's promise, after the command is shown: wait for it
+    assert wait_for(lambda: text_of(browser, "copy-status"), "the copy status")
 
     by_id(browser, "new-seed").click()
     assert by_id(browser, "random-seed").get_attribute("value") not in ("", "7")

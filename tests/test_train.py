@@ -84,6 +84,14 @@ def test_resume_is_bit_exact_when_the_schedule_matches(corpus_path: Path, tmp_pa
             assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
+def test_resuming_a_finished_run_evaluates_nothing_again(corpus_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    train(tiny_config(corpus_path, out, steps=20, eval_interval=10))
+    rows = out.with_suffix(".metrics.jsonl").read_text()
+    result = train(tiny_config(corpus_path, out, steps=20, eval_interval=10, resume=True))
+    assert result.step == 20 and out.with_suffix(".metrics.jsonl").read_text() == rows
+
+
 def test_resume_refuses_another_corpus_or_architecture(corpus_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     train(tiny_config(corpus_path, out, steps=10, eval_interval=10))
