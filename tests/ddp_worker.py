@@ -1,8 +1,9 @@
 """A torchrun worker for the tests: trains like `charlm train` and, when asked, signals the launcher.
 
-`torchrun ... tests/ddp_worker.py CONFIG_JSON --report DIR [--signal-launcher-at STEP]`: rank 0 sends SIGTERM to
-torchrun once STEP is logged, as Kubernetes or a user would, then waits until the signal torchrun
-passes on has reached this process, so the run is interrupted however fast the machine is.
+`torchrun ... tests/ddp_worker.py CONFIG_JSON --report DIR [--signal-launcher-at STEP [--launcher-signal SIGINT]]`:
+once STEP is logged, rank 0 sends torchrun SIGTERM (as Kubernetes would) or SIGINT (as Ctrl-C would),
+then waits until the signal torchrun passes on has reached this process, so the run is interrupted
+however fast the machine is.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> int:
     parser.add_argument("config", help="TrainConfig fields as JSON")
     parser.add_argument("--report", required=True, help="folder for each rank's rank<N>.json")
     parser.add_argument("--signal-launcher-at", type=int)
+    parser.add_argument("--launcher-signal", choices=("SIGTERM", "SIGINT"), default="SIGTERM")
     args = parser.parse_args()
     cfg = TrainConfig(**json.loads(args.config))
 
@@ -33,7 +35,7 @@ def main() -> int:
         if "train_bpc" in row and row["step"] == args.signal_launcher_at:
             received: list[int] = []
             trainers = {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in STOP}
-            os.kill(os.getppid(), signal.SIGTERM)  # the launcher
+            os.kill(os.getppid(), signal.Signals[args.launcher_signal])  # the launcher
             while not received:  # until the signal torchrun passes on reaches this process, however long
                 time.sleep(0.01)
             for sig, handler in trainers.items():

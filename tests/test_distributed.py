@@ -145,6 +145,18 @@ def test_an_interrupted_two_rank_run_resumes_exactly(corpus_path: Path, tmp_path
     assert losses(rows) == pytest.approx(losses(expected), abs=1e-6)
 
 
+def test_ctrl_c_on_the_launcher_stops_every_rank_and_saves(corpus_path: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches only torchrun (its workers run in a session of their own); it passes SIGINT on."""
+    out = tmp_path / "m.safetensors"
+    proc, reports = worker(tiny_config(corpus_path, out, **RUN), "--signal-launcher-at", "3",
+                              "--launcher-signal", "SIGINT")
+    assert proc.returncode != 0 and "got signal: 2" in proc.stderr
+    assert [(r["rank"], r["interrupted"]) for r in reports] == [(0, True), (1, True)]
+    stopped = reports[0]["step"]
+    assert reports[1]["step"] == stopped and 3 <= stopped < STEPS
+    assert state(out)[1]["step"] == stopped and load(str(out), "cpu").train["steps"] == stopped
+
+
 def test_a_one_process_run_resumes_with_two(two_ranks: tuple[Path, str], corpus_path: Path, tmp_path: Path) -> None:
     """Another number of processes resumes the same streams and optimizer: with dropout 0, the same run."""
     part = tmp_path / "part.safetensors"
