@@ -94,6 +94,11 @@ def error_response_for(path: str, status: int, message: str, headers: dict[str, 
 SHUT_DOWN = "the server shut down before this request finished; retry on another replica or later"
 
 
+def shut_down_error() -> ApiError:
+    """A queued request the engine ended by shutting down: 503, to retry elsewhere or later."""
+    return ApiError(503, SHUT_DOWN, headers={"Retry-After": "1"})
+
+
 def queue_refusal(exc: QueueFullError | EngineClosedError, request: Request) -> ApiError:
     """The engine would not queue the request: full (429) or closing (503), both to retry; counted."""
     full = isinstance(exc, QueueFullError)

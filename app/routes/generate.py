@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import Authorized, EngineDep, cancel_on_disconnect
-from app.errors import SHUT_DOWN, ApiError, queue_refusal, request_error_detail
+from app.errors import SHUT_DOWN, ApiError, queue_refusal, request_error_detail, shut_down_error
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from charlm.engine import (
     EngineClosedError,
@@ -63,7 +63,7 @@ async def generate(request: Request, gen: Submitted) -> GenerateResponse:
     except GenerationFailed as exc:
         raise ApiError(500, f"generation failed: {exc}") from None
     except EngineClosedError:
-        raise ApiError(503, SHUT_DOWN, headers={"Retry-After": "1"}) from None
+        raise shut_down_error() from None
     finally:
         watcher.cancel()
         gen.cancel()  # no-op when finished; frees the row if this handler itself was cancelled

@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import Authorized, EngineDep, cancel_on_disconnect, served_model_id
-from app.errors import SHUT_DOWN, ApiError, openai_error_body, queue_refusal
+from app.errors import ApiError, openai_error_body, queue_refusal, shut_down_error
 from app.openai_schemas import (
     OPENAI_ERROR_RESPONSES,
     Completion,
@@ -291,7 +291,7 @@ def refusal(exc: InvalidParameter | QueueFullError | EngineClosedError, request:
 def engine_error(exc: BaseException) -> ApiError:
     """An engine outcome other than a result (or a bug on the way), as the error the client gets."""
     if isinstance(exc, EngineClosedError):
-        return ApiError(503, SHUT_DOWN, headers={"Retry-After": "1"})
+        return shut_down_error()
     if isinstance(exc, ScoringStopped):
         return ApiError(503, "scoring the prompt did not finish within the request timeout; send a shorter prompt",
                         headers={"Retry-After": "1"})

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.deps import Authorized, EngineDep, cancel_on_disconnect
-from app.errors import SHUT_DOWN, ApiError, queue_refusal, request_error_detail
+from app.errors import ApiError, queue_refusal, request_error_detail, shut_down_error
 from app.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
 from charlm.engine import (
     EngineClosedError,
@@ -48,7 +48,7 @@ async def scored(request: Request, scoring: Scoring) -> ScoreResult:
     except GenerationFailed as exc:
         raise ApiError(500, f"scoring failed: {exc}") from None
     except EngineClosedError:
-        raise ApiError(503, SHUT_DOWN, headers={"Retry-After": "1"}) from None
+        raise shut_down_error() from None
     finally:
         watcher.cancel()
         scoring.cancel()  # no-op when finished; frees the engine's work if this handler was cancelled
