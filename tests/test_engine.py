@@ -14,6 +14,7 @@ from charlm.engine import (
     Engine,
     EngineClosedError,
     EngineLimits,
+    Generation,
     GenerationFailed,
     GenerationRequest,
     QueueFullError,
@@ -32,6 +33,40 @@ ENDLESS = 10**9
 def engine(tiny: Checkpoint):
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=64, max_queue=256)) as eng:
         yield eng
+
+
+def hold_the_row(engine: Engine) -> Generation:
+    """An endless generation, returned once it holds a row: with max_batch 1, later requests must queue."""
+    running = engine.submit(GenerationRequest("The ", length=ENDLESS))
+    while engine.active < 1:
+        time.sleep(0.001)
+    return running
+
+
+def pace_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> threading.Semaphore:
+    """Let the worker take a decode step only for each release of the returned semaphore (one step of
+    slack), so a reader that releases one per chunk sees the text in many pieces however fast the machine
+    decodes."""
+    steps, step = threading.Semaphore(1), engine._step
+
+    def paced_step() -> None:
+        steps.acquire()
+        step()
+
+    monkeypatch.setattr(engine, "_step", paced_step)
+    return steps
+
+
+def count_model_calls(engine: Engine) -> list[int]:
+    """Count the engine's calls of its model (prefill chunks through nn.LSTM) in the returned one-item list."""
+    calls, model = [0], engine.model
+
+    def counting(*args: Any) -> Any:
+        calls[0] += 1
+        return model(*args)
+
+    engine.model = counting  # type: ignore[assignment]
+    return calls
 
 
 def solo(tiny: Checkpoint, request: GenerationRequest, use_native: bool = True) -> str:
@@ -179,9 +214,13 @@ def test_stop_string_ends_at_first_match(engine: Engine) -> None:
     assert result.usage.generated_chars == first
 
 
-def test_streaming_yields_the_generated_text(engine: Engine) -> None:
+def test_streaming_yields_the_generated_text(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = pace_steps(engine, monkeypatch)
     gen = engine.submit(GenerationRequest("The ", length=120, random_seed=3))
-    chunks = list(gen)
+    chunks = []
+    for chunk in gen:
+        chunks.append(chunk)
+        steps.release()
     assert len(chunks) > 10 and "".join(chunks) == gen.result().generated
     timings = gen.result().timings
     assert timings.generate_ms > 0 and timings.chars_per_s > 0 and timings.queue_ms >= 0
@@ -199,15 +238,8 @@ def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeyp
             return schedule(*args, **kwargs)
 
         monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
-        # the worker takes a step only when the reader has taken a chunk (one step of slack), so the
-        # reader sees the text in many pieces however fast the machine decodes
-        steps, step = threading.Semaphore(1), engine._step
-
-        def paced_step() -> None:
-            steps.acquire()
-            step()
-
-        monkeypatch.setattr(engine, "_step", paced_step)
+        step = engine._step
+        steps = pace_steps(engine, monkeypatch)
         streamed = engine.submit(GenerationRequest("The ", length=200, random_seed=4))
         chunks = []
         async for chunk in streamed:
@@ -251,9 +283,7 @@ def test_cancel_frees_the_row(tiny: Checkpoint) -> None:
 
 def test_cancelling_a_queued_request_frees_its_place_at_once(tiny: Checkpoint) -> None:
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1, max_queue=2, max_length=ENDLESS)) as eng:
-        running = eng.submit(GenerationRequest("The ", length=ENDLESS))
-        while eng.active < 1:
-            time.sleep(0.001)
+        running = hold_the_row(eng)
         queued = [eng.submit(GenerationRequest("The ", length=5)) for _ in range(2)]
         with pytest.raises(QueueFullError):
             eng.submit(GenerationRequest("The ", length=5))
@@ -277,9 +307,7 @@ def test_deadline_expiry(tiny: Checkpoint) -> None:
 
 def test_queue_full_is_refused_at_once(tiny: Checkpoint) -> None:
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1, max_queue=2, max_length=ENDLESS)) as eng:
-        running = eng.submit(GenerationRequest("The ", length=ENDLESS))
-        while eng.active < 1:
-            time.sleep(0.001)
+        running = hold_the_row(eng)
         queued = [eng.submit(GenerationRequest("The ", length=5)) for _ in range(2)]
         with pytest.raises(QueueFullError):
             eng.submit(GenerationRequest("The ", length=5))
@@ -560,18 +588,10 @@ def test_requests_with_the_same_long_seed_share_one_prefill(tiny: Checkpoint) ->
     requests = [GenerationRequest(seed, length=40, random_seed=s) for s in range(3)]
     expected = [solo(tiny, r) for r in requests]
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=8)) as eng:
-        chunks = 0
-        model = eng.model
-
-        def counting(*args: Any) -> Any:
-            nonlocal chunks
-            chunks += 1
-            return model(*args)
-
-        eng.model = counting  # type: ignore[assignment]
+        calls = count_model_calls(eng)
         texts = [g.result(timeout=60).text for g in eng.submit_many(requests)]
     assert texts == expected
-    assert chunks == 2  # the seed's two chunks once, not once per request
+    assert calls == [2]  # the seed's two chunks once, not once per request
 
 
 def test_a_cancelled_request_hands_its_prefill_to_the_next_with_the_same_seed(tiny: Checkpoint) -> None:
@@ -587,9 +607,7 @@ def test_a_cancelled_request_hands_its_prefill_to_the_next_with_the_same_seed(ti
 
 def test_submit_many_queues_all_or_none(tiny: Checkpoint) -> None:
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1, max_queue=3, max_length=ENDLESS)) as eng:
-        running = eng.submit(GenerationRequest("The ", length=ENDLESS))
-        while eng.active < 1:
-            time.sleep(0.001)
+        running = hold_the_row(eng)
         waiting = eng.submit(GenerationRequest("The ", length=5))
         with pytest.raises(QueueFullError, match="needs 3 places"):
             eng.submit_many([GenerationRequest("The ", length=5)] * 3)
@@ -664,9 +682,7 @@ def test_logprobs_out_of_range_are_refused(engine: Engine, logprobs: int) -> Non
 
 def test_a_scoring_job_ends_when_cancelled_or_out_of_time(tiny: Checkpoint) -> None:
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=1, max_length=ENDLESS)) as eng:
-        running = eng.submit(GenerationRequest("The ", length=ENDLESS))
-        while eng.active < 1:
-            time.sleep(0.001)
+        running = hold_the_row(eng)
         queued = eng.score(ScoreRequest("The engineer"))  # waits: the only row is taken
         queued.cancel()
         with pytest.raises(ScoringStopped) as stopped:
@@ -688,17 +704,9 @@ def test_greedy_logprobs_and_shared_prefills_on_the_path_cuda_takes(tiny: Checkp
                 for s in range(3)]
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=8), use_native=False) as eng:
         assert not eng._decoder.row_invariant
-        chunks = 0
-        model = eng.model
-
-        def counting(*args: Any) -> Any:
-            nonlocal chunks
-            chunks += 1
-            return model(*args)
-
-        eng.model = counting  # type: ignore[assignment]
+        calls = count_model_calls(eng)
         results = [g.result(timeout=60) for g in eng.submit_many(requests)]
         scored = eng.score(ScoreRequest("The engineer", top_k=2)).result(timeout=60)
     assert {r.generated for r in results} == {greedy(tiny, "The engineer", 60)}
-    assert chunks == 2  # one prefill for the three requests, one chunk for the scoring
+    assert calls == [2]  # one prefill for the three requests, one chunk for the scoring
     assert all(len(r.logprobs or []) == 60 for r in results) and scored.chars == 11

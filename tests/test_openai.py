@@ -4,7 +4,6 @@ API page. The `openai` SDK against a live server is in test_process.py."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from charlm.checkpoint import Checkpoint
-from tests.test_engine import greedy
+from charlm.engine import GenerationRequest
+from tests.test_engine import ENDLESS, greedy, hold_the_row
 from tests.test_service import settings_for
 
 MODEL = "tiny"  # the served id: the checkpoint file's stem
@@ -308,15 +308,10 @@ def test_api_key_as_bearer_and_401_in_openais_shape(tiny_checkpoint_path: Path) 
 
 
 def test_not_ready_and_queue_full_in_openais_shape(tiny_checkpoint_path: Path) -> None:
-    endless = 10**9
-    app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=endless))
+    app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=ENDLESS))
     with TestClient(app) as c:
-        from charlm.engine import GenerationRequest
-
         engine = app.state.engine
-        running = engine.submit(GenerationRequest("The ", length=endless))
-        while engine.active < 1:
-            time.sleep(0.001)
+        running = hold_the_row(engine)
         waiting = engine.submit(GenerationRequest("The ", length=5))
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 5})
         assert_openai_error(r, 429, code="queue_full")

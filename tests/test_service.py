@@ -6,7 +6,6 @@ import asyncio
 import gc
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from app.main import create_app
 from app.routes import generate as generate_routes
 from app.settings import Settings
 from charlm import native
+from charlm.engine import GenerationRequest
+from tests.test_engine import ENDLESS, hold_the_row
 
 
 def settings_for(path: Path, **overrides: object) -> Settings:
@@ -262,15 +263,10 @@ def test_api_key(tiny_checkpoint_path: Path) -> None:
 
 
 def test_queue_full_is_429_with_retry_after(tiny_checkpoint_path: Path) -> None:
-    endless = 10**9  # longer than any test runs, on any machine: only the cancel below ends it
-    app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=endless))
+    app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=ENDLESS))
     with TestClient(app) as c:
         engine = app.state.engine
-        from charlm.engine import GenerationRequest
-
-        running = engine.submit(GenerationRequest("The ", length=endless))
-        while engine.active < 1:
-            time.sleep(0.001)
+        running = hold_the_row(engine)
         waiting = engine.submit(GenerationRequest("The ", length=5))
         r = c.post("/generate", json={"seed": "The", "length": 5})
         assert_error(r, 429, "queue_full")
