@@ -151,7 +151,7 @@ def test_client_disconnect_cancels_generation(tiny_checkpoint_path: Path) -> Non
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             while server.metric("charlm_active_rows") < 1:
                 time.sleep(0.01)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a safety net for a stuck test, not a speed requirement
         while server.metric("charlm_cancellations_total") < 1:
             assert time.monotonic() < deadline, "non-streaming generation not cancelled"
             time.sleep(0.05)
@@ -161,7 +161,7 @@ def test_client_disconnect_cancels_generation(tiny_checkpoint_path: Path) -> Non
                           timeout=30) as r:
             for _ in r.iter_lines():
                 break
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while server.metric("charlm_cancellations_total") < 2:
             assert time.monotonic() < deadline, "streaming generation not cancelled"
             time.sleep(0.05)
