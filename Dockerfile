@@ -34,14 +34,20 @@ COPY app ./app
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && pip install .
+# The shipped model, owned by root and read-only to everyone else whatever modes the checkout gave
+# it (a umask of 002 or 000 would leave it group- or world-writable): the server's uid reads it and
+# can never rewrite it.
+COPY models ./models
+RUN chown -R 0:0 models && chmod -R u=rwX,go=rX models
 
 FROM ${PYTHON_IMAGE}
 # The decode kernels (charlm/_native*.so) link the system OpenMP runtime.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 charlm
-COPY --from=build /opt/venv /opt/venv
-COPY --chown=10001:10001 models /srv/charlm/models
+# Code and model stay root's: uid 10001 may read and run them, never change them (tests/test_image.py).
+COPY --from=build --chown=0:0 /opt/venv /opt/venv
+COPY --from=build --chown=0:0 /src/models /srv/charlm/models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CHARLM_CHECKPOINT=/srv/charlm/models/mysterious_island.safetensors \

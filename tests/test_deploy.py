@@ -42,6 +42,7 @@ from tests.test_image import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
+README = ROOT / "README.md"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
 
@@ -141,6 +142,74 @@ VARIANTS: dict[str, tuple[Path, Doc | None]] = {
     "external-model": (KUBE / "overlays" / "external-model", None),
     "servicemonitor": (KUBE, {"resources": ["base"], "components": ["components/servicemonitor"]}),
 }
+
+
+# Every kustomization a user can `kubectl apply -k`: the variants and the base they share
+# (test_every_kustomization_is_a_variant keeps this complete when an overlay or component is added).
+RENDERED: dict[str, tuple[Path, Doc | None]] = {"base": (KUBE / "base", None), **VARIANTS}
+
+
+def kustomizations() -> dict[str, list[Path]]:
+    """The directories under deploy/kubernetes holding a kustomization.yaml, by kind (Kustomization,
+    Component)."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(KUBE.rglob("kustomization.yaml")):
+        kind = yaml.safe_load(path.read_text()).get("kind", "Kustomization")
+        found.setdefault(kind, []).append(path.parent)
+    return found
+
+
+def kubectl_kustomize(kubectl: str, directory: Path, kustomization: Doc | None, scratch: Path) -> list[Doc]:
+    """What `kubectl kustomize` renders for a variant (a kustomization of our own is written to `scratch`)."""
+    if kustomization is not None:  # kustomize wants a directory; it takes relative paths only
+        relative = {key: [os.path.relpath(directory / p, scratch) for p in paths]
+                    for key, paths in kustomization.items()}
+        (scratch / "kustomization.yaml").write_text(yaml.safe_dump(relative))
+        directory = scratch
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
+def project_version() -> str:
+    """pyproject.toml's [project] version: the tag the image is built, deployed and composed with."""
+    project = re.search(r"(?ms)^\[project\]$(.*?)(?=^\[)", (ROOT / "pyproject.toml").read_text())
+    assert project, "pyproject.toml has no [project] table"
+    version = re.search(r'(?m)^version\s*=\s*"([^"]+)"', project.group(1))
+    assert version, "pyproject.toml's [project] has no literal version"
+    return version.group(1)
+
+
+def images_of(docs: list[Doc]) -> list[str]:
+    """Every container image the documents name, wherever a pod template puts it."""
+    found: list[str] = []
+
+    def walk(value: Any, field: str = "") -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "image" and field in {"containers", "initContainers", "ephemeralContainers"}:
+                    found.append(item)
+                else:
+                    walk(item, key if isinstance(item, list) else field)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, field)
+
+    walk(docs)
+    return found
+
+
+def mutable_image(image: str) -> str | None:
+    """Why `image` can name another build tomorrow (None: it names one build): no tag means `latest`,
+    and `latest` moves with every push. A digest names one build; a version tag is one by convention."""
+    if re.search(r"@sha256:[0-9a-f]{64}$", image):
+        return None
+    name, colon, tag = image.rpartition(":")
+    if not colon or "/" in tag:  # no tag (the colon was a registry's port)
+        return f"{image}: untagged, which means :latest"
+    if tag == "latest":
+        return f"{image}: :latest names whatever was pushed last"
+    return None
 
 
 @cache
@@ -288,13 +357,7 @@ def test_kubectl_kustomize_builds_what_this_test_builds(name: str, tmp_path: Pat
     if kubectl is None:
         pytest.skip("kubectl is not installed (its built-in kustomize would cross-check this test's loader)")
     directory, kustomization = VARIANTS[name]
-    if kustomization is not None:  # kustomize wants a directory; it takes relative paths only
-        relative = {key: [os.path.relpath(directory / p, tmp_path) for p in paths]
-                    for key, paths in kustomization.items()}
-        (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(relative))
-        directory = tmp_path
-    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    rendered = kubectl_kustomize(kubectl, directory, kustomization, tmp_path)
 
     def unordered(value: Any, field: str = "") -> Any:
         """Lists of named objects (env, volumes, volumeMounts, ...) as sets: where a patch adds an item,
@@ -309,7 +372,7 @@ def test_kubectl_kustomize_builds_what_this_test_builds(name: str, tmp_path: Pat
     def by_name(docs: list[Doc]) -> dict[tuple[str, str], Doc]:
         return {(doc["kind"], doc["metadata"]["name"]): unordered(doc) for doc in docs}
 
-    theirs, ours = by_name(list(yaml.safe_load_all(result.stdout))), by_name(variant(name))
+    theirs, ours = by_name(rendered), by_name(variant(name))
     assert theirs.keys() == ours.keys()
     for key in ours:
         assert theirs[key] == ours[key], f"{key}: kubectl kustomize and this test's loader differ"
@@ -423,11 +486,12 @@ def test_selectors_autoscaler_and_budget_point_at_the_pods(name: str) -> None:
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert the(docs, "Service")["spec"]["selector"].items() <= labels.items()
     assert the(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    # The image the Dockerfile builds, as README's `docker build -t charlm .` names it; kustomize
-    # `images:` renames it for a registry.
+    # The image the Dockerfile builds, as README's `docker build -t charlm:VERSION .` names it; kustomize
+    # `images:` renames it for a registry. IfNotPresent is right because the tag names one build.
+    version = project_version()
     images = {c["name"]: (c["image"], c["imagePullPolicy"]) for c in pod_containers(deployment)}
-    assert images.pop("charlm") == ("charlm:latest", "IfNotPresent")
-    assert images == ({"copy-model": ("charlm-model:latest", "IfNotPresent")} if name == "external-model" else {})
+    assert images.pop("charlm") == (f"charlm:{version}", "IfNotPresent")
+    assert images == ({"copy-model": (f"charlm-model:{version}", "IfNotPresent")} if name == "external-model" else {})
     hpa = the(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                             "name": deployment["metadata"]["name"]}
@@ -444,12 +508,95 @@ def test_selectors_autoscaler_and_budget_point_at_the_pods(name: str) -> None:
             assert endpoint["port"] in service_ports and serves_get(endpoint["path"])
 
 
+def test_every_kustomization_is_a_variant() -> None:
+    """A new overlay or component gets every test above (and the image check below) by being listed."""
+    found = kustomizations()
+    assert set(found) <= {"Kustomization", "Component"}, sorted(found)
+    applied = {directory for directory, kustomization in RENDERED.values() if kustomization is None}
+    assert set(found["Kustomization"]) == applied, "add the new kustomization to VARIANTS"
+    used = {(directory / c).resolve() for directory, k in RENDERED.values() if k for c in k.get("components", [])}
+    assert {d.resolve() for d in found.get("Component", [])} <= used, "add a variant using the new component"
+
+
+@pytest.mark.parametrize("name", list(RENDERED))
+def test_no_manifest_names_latest_or_an_untagged_image(name: str, tmp_path: Path) -> None:
+    """What `kubectl kustomize` renders (this test's loader where kubectl is not installed) names images
+    by version tag or digest: with `latest` (or no tag) each node runs whichever build it pulled first
+    (imagePullPolicy IfNotPresent), and neither a rollout nor a rollback can say which build it means."""
+    directory, kustomization = RENDERED[name]
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        docs = kubectl_kustomize(kubectl, directory, kustomization, tmp_path)
+    else:
+        docs = build(directory, kustomization)
+    images = images_of(docs)
+    assert any(image.startswith("charlm:") for image in images), images
+    problems = [problem for image in images if (problem := mutable_image(image))]
+    assert not problems, "\n".join(problems)
+    # The service image is the one the README builds: the project's version.
+    assert {i for i in images if i.rpartition(":")[0] == "charlm"} == {f"charlm:{project_version()}"}, images
+
+
+def test_the_mutable_image_check_is_real() -> None:
+    assert mutable_image("charlm") and mutable_image("charlm:latest")
+    registry = "registry.example.com:5000/charlm"
+    assert mutable_image(registry) and mutable_image(f"{registry}:latest")
+    assert not mutable_image("charlm:0.1.0") and not mutable_image(f"{registry}:0.1.0")
+    assert not mutable_image("registry.example.com/charlm@sha256:" + "0" * 64)
+    assert images_of([{"spec": {"template": {"spec": {"initContainers": [{"image": "a:1"}],
+                                                      "containers": [{"image": "b"}]}}}}]) == ["a:1", "b"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # docker-compose.yml and Prometheus
 
 def compose() -> Doc:
     loaded: Doc = yaml.safe_load(COMPOSE.read_text())
     return loaded
+
+
+# Compose's interpolation (Compose Specification, "Interpolation"): $$, $NAME, ${NAME}, and ${NAME<op>arg}
+# with :- - :+ + :? ?. Nested interpolation in `arg` is not implemented and is refused.
+INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """`value` as `docker compose` reads it with the variables `env` set (from the shell or an .env file)."""
+    def substitute(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        if match["named"]:
+            return env.get(match["named"], "")
+        parts = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-+?])(.*))?", match["braced"], re.DOTALL)
+        assert parts, f"unsupported interpolation ${{{match['braced']}}}"
+        name, operator, argument = parts.groups()
+        assert "$" not in (argument or ""), f"nested interpolation is not implemented: {match[0]}"
+        current = env.get(name)
+        present = bool(current) if operator and operator.startswith(":") else current is not None
+        if operator is None:
+            return current or ""
+        if operator.endswith("-"):
+            return current if present and current is not None else argument
+        if operator.endswith("+"):
+            return argument if present else ""
+        if not present:
+            raise ValueError(f"{name}: {argument or 'required'}")
+        return current or ""
+
+    return INTERPOLATION.sub(substitute, value)
+
+
+def published(port: str | int | Doc, env: dict[str, str]) -> tuple[str, str]:
+    """(host address, container port) of a `ports:` entry; "" for the address when it names none, which
+    Docker takes as every interface (0.0.0.0 and ::)."""
+    if isinstance(port, dict):  # the long syntax
+        return interpolate(str(port.get("host_ip", "")), env), interpolate(str(port["target"]), env)
+    text = interpolate(str(port), env).split("/")[0]
+    if text.startswith("["):  # [IPv6]:host:container
+        address, _, rest = text[1:].partition("]:")
+        return address, rest.rsplit(":", 1)[-1]
+    fields = text.split(":")
+    return (fields[0] if len(fields) == 3 else ""), fields[-1]
 
 
 def compose_validator() -> jsonschema.Draft7Validator:
@@ -506,6 +653,89 @@ def test_compose_serves_the_images_port_restricted_and_prometheus_scrapes_it() -
                for static in job.get("static_configs", []) for target in static["targets"]}
     assert ("/metrics", f"charlm:{port}") in targets, targets
     assert serves_get("/metrics") and not serves_get("/no-such-route")
+
+
+def section(text: str, heading: str) -> str:
+    """A markdown section: from its heading to the next heading of the same or a higher level (a `#`
+    line inside a fenced code block is a comment, not a heading)."""
+    level = len(heading.split(" ")[0])
+    lines: list[str] = []
+    inside = fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (match := re.match(r"(#+) ", line)):
+            if inside and len(match.group(1)) <= level:
+                break
+            inside = inside or line == heading
+        if inside:
+            lines.append(line)
+    assert lines, f"no section {heading!r}"
+    return "\n".join(lines)
+
+
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def test_compose_publishes_on_loopback_unless_told_otherwise() -> None:
+    """The API key is optional, so no port is reachable from other machines by default; CHARLM_PUBLISH
+    widens the service's (and only the service's), and the README says to set a key when doing so."""
+    services = compose()["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            address, _ = published(port, {})
+            assert address in LOOPBACK, f"{name} publishes {port!r} on {address or 'every interface'}"
+    charlm = services["charlm"]
+    wider = {"CHARLM_PUBLISH": "0.0.0.0"}
+    assert {published(p, wider) for p in charlm["ports"]} == {("0.0.0.0", str(image_port()))}
+    assert {published(p, {"CHARLM_PUBLISH": "192.0.2.7"}) for p in charlm["ports"]} == {("192.0.2.7", "8000")}
+    assert {published(p, wider)[0] for p in services["prometheus"]["ports"]} <= LOOPBACK
+    # Publishing wider wants a key: it must reach the container from the shell or .env (null: pass-through).
+    assert "CHARLM_API_KEY" in charlm["environment"] and charlm["environment"]["CHARLM_API_KEY"] is None
+    docs = section(README.read_text(), "### One host: docker compose")
+    assert "CHARLM_PUBLISH" in docs and "CHARLM_API_KEY" in docs, "the README must say how, and to set a key"
+    widening = [block for block in fenced_blocks(docs) if re.search(r"\bCHARLM_PUBLISH=", block)]
+    assert widening, "the README shows no command that publishes wider"
+    assert all(re.search(r"\bCHARLM_API_KEY=", block) for block in widening), "... and it must set a key too"
+
+
+def fenced_blocks(markdown: str) -> list[str]:
+    blocks: list[str] = re.findall(r"^```[^\n]*\n(.*?)^```", markdown, re.MULTILINE | re.DOTALL)
+    return blocks
+
+
+def code_lines(markdown: str) -> str:
+    """The fenced code of `markdown`, continued lines joined."""
+    return re.sub(r"\\\n\s*", " ", "\n".join(fenced_blocks(markdown)))
+
+
+def test_the_port_parser_and_interpolation_are_compose_s() -> None:
+    assert published("8000:8000", {}) == ("", "8000") and published("8000", {}) == ("", "8000")
+    assert published("127.0.0.1:9090:9090/tcp", {}) == ("127.0.0.1", "9090")
+    assert published("[::1]:8000:8000", {}) == ("::1", "8000")
+    assert published({"target": 8000, "host_ip": "127.0.0.1", "published": "8000"}, {}) == ("127.0.0.1", "8000")
+    assert interpolate("${A:-x}|${A-y}|$A|$$A|${A:+z}", {"A": ""}) == "x|||$A|"
+    assert interpolate("${A:-x}|${A-y}|${A}|$${A}|${A:+z}|${A+w}", {"A": "a"}) == "a|a|a|${A}|z|w"
+    assert interpolate("${B-y}|${B+w}", {}) == "y|"
+    with pytest.raises(ValueError, match="set it"):
+        interpolate("${B:?set it}", {"B": ""})
+
+
+def test_every_image_is_tagged_with_a_version() -> None:
+    """compose builds the image under the tag the manifests deploy (not `latest`), and the README's
+    deployment sections build and load that same tag."""
+    version = project_version()
+    services = compose()["services"]
+    assert services["charlm"]["image"] == f"charlm:{version}"
+    for name, service in services.items():
+        assert not mutable_image(service["image"]), f"{name}: {mutable_image(service['image'])}"
+    readme = README.read_text()
+    for heading in ("## Docker", "### Kubernetes", "### One host: docker compose"):
+        text = section(readme, heading)
+        assert "charlm:latest" not in text and "-model:latest" not in text, f"README, {heading}: names latest"
+    builds = re.findall(r"docker build\b[^\n]*", code_lines(section(readme, "### Kubernetes")))
+    assert any(f"-t charlm:{version} " in b for b in builds), builds
+    assert f"-t charlm:{version} " in code_lines(section(readme, "## Docker"))
 
 
 # ---------------------------------------------------------------------------------------------------

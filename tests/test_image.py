@@ -1,7 +1,8 @@
 """Static checks of the image recipe and of what a fresh clone needs: no image is built here.
 
 The Dockerfile's final stage must carry the OpenMP runtime the native kernels link, fail the build when
-they would not load, run as a non-root numeric uid and keep its HEALTHCHECK; the build context must not
+they would not load, run as a non-root numeric uid that owns none of the code and model it serves, and
+keep its HEALTHCHECK; the build context must not
 take host build outputs; hadolint must be clean; and the README's paths must exist in the repository,
 none of the documentation pointing outside it (to the development machine's ../shared).
 """
@@ -9,11 +10,15 @@ none of the documentation pointing outside it (to the development machine's ../s
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -106,6 +111,131 @@ def test_pip_settings_reach_only_the_build_stage() -> None:
     final_text = " ".join(f"{k} {a}" for k, a in final)
     assert "PIP_" not in final_text.replace("PIP_NO_CACHE_DIR", ""), "pip settings leak into the final image"
     assert "pip_ca" not in final_text
+
+
+def flags_and_words(args: str) -> tuple[dict[str, str], list[str]]:
+    """A COPY/ADD's --flags (name: value) and its sources and destination."""
+    words = shlex.split(args)
+    flags: dict[str, str] = {}
+    for word in words:
+        if word.startswith("--"):
+            name, _, value = word[2:].partition("=")
+            flags[name] = value
+    return flags, [w for w in words if not w.startswith("--")]
+
+
+ROOT_OWNERS = {"0", "0:0", "root", "root:root", "root:0", "0:root"}
+
+
+def workdir_paths(stage: list[tuple[str, str]]) -> list[PurePosixPath]:
+    """The working directory in force at each instruction of the stage."""
+    cwd, paths = PurePosixPath("/"), []
+    for keyword, args in stage:
+        if keyword == "WORKDIR":
+            cwd = cwd / args
+        paths.append(cwd)
+    return paths
+
+
+def test_the_server_owns_none_of_the_code_and_model_it_serves(tmp_path: Path) -> None:
+    """The final stage gives no file to the server's uid, so a compromised server cannot rewrite its
+    model or code: COPY/ADD leave files root's (no --chown, or one to root), --chmod never grants
+    group/other write, and no RUN chowns or chmods there. The baked-in model is copied from the build
+    stage, where it is made root's with modes that the test applies to a scratch tree of 0777/0666
+    files (what a checkout under umask 000 gives): the result must be 0755/0644, readable by all."""
+    *builds, final = stages()
+    for keyword, args in final:
+        if keyword in ("COPY", "ADD"):
+            flags, _ = flags_and_words(args)
+            assert flags.get("chown", "0") in ROOT_OWNERS, f"{keyword} {args}: gives the files to a non-root owner"
+            if "chmod" in flags:
+                assert int(flags["chmod"], 8) & 0o022 == 0, f"{keyword} {args}: group/other may write"
+        if keyword == "RUN":
+            assert not re.search(r"\b(chown|chmod|chgrp)\b", args), f"RUN {args}: changes ownership or modes"
+
+    # Where the served checkpoint comes from: a COPY --from=<a build stage> into its directory.
+    env = " ".join(args for keyword, args in final if keyword == "ENV")
+    checkpoint = PurePosixPath(re.search(r"\bCHARLM_CHECKPOINT=(\S+)", env).group(1))  # type: ignore[union-attr]
+    copies = [flags_and_words(a) for k, a in final if k == "COPY"]
+    into = [(flags, words) for flags, words in copies if checkpoint.is_relative_to(PurePosixPath(words[-1]))]
+    assert len(into) == 1, f"expected one COPY that puts {checkpoint} in place, found {into}"
+    flags, words = into[0]
+    assert flags.get("from") == "build" and len(words) == 2, (
+        "the model must come from the build stage, where it is made root's and read-only"
+    )
+    source = PurePosixPath(words[0])
+    build = next(stage for stage in builds if re.search(r"\bAS build$", stage[0][1], re.IGNORECASE))
+    cwds = workdir_paths(build)
+    placed = [i for i, (k, a) in enumerate(build) if k == "COPY"
+              and "--from" not in a and cwds[i] / flags_and_words(a)[1][-1] == source]
+    assert placed and flags_and_words(build[placed[-1]][1])[1][:-1] == ["models"], f"{source} is not models/"
+    chowned: list[str] = []
+    chmods: list[str] = []
+    for i, (keyword, run) in enumerate(build):
+        if keyword != "RUN" or i < placed[-1]:
+            continue
+        for command in (shlex.split(part) for part in run.split("&&")):
+            if len(command) == 4 and command[1] == "-R" and cwds[i] / command[3] == source:
+                {"chown": chowned, "chmod": chmods}.get(command[0], []).append(command[2])
+    assert chowned and chowned[-1] in ROOT_OWNERS, f"the build stage never makes {source} root's"
+    assert chmods, f"the build stage never sets the modes of {source}"
+
+    scratch = tmp_path / "models"
+    (scratch / "sub").mkdir(parents=True)
+    for path, mode in ((scratch / "model.safetensors", 0o666), (scratch / "sub" / "card.md", 0o666),
+                       (scratch / "run.sh", 0o777)):
+        path.write_bytes(b"x")
+        path.chmod(mode)
+    for directory in (scratch, scratch / "sub"):
+        directory.chmod(0o777)
+    subprocess.run(["chmod", "-R", chmods[-1], str(scratch)], check=True, timeout=30)
+    modes = {str(p.relative_to(scratch)): stat.S_IMODE(p.stat().st_mode) for p in [scratch, *scratch.rglob("*")]}
+    for name, mode in modes.items():
+        assert mode & 0o022 == 0, f"chmod -R {chmods[-1]}: {name} is {mode:o}, writable by group/other"
+        assert mode & 0o004, f"chmod -R {chmods[-1]}: {name} is {mode:o}, unreadable by the server's uid"
+    assert modes["."] & 0o001 and modes["sub"] & 0o001, f"directories must stay searchable: {modes}"
+    assert modes["model.safetensors"] & 0o111 == 0, "data files must not become executable"
+
+
+# Run it in a built image: CHARLM_TEST_IMAGE=charlm:0.1.0 (and CHARLM_TEST_RUNTIME=podman, if not docker).
+OWNERSHIP_PROBE = """
+import json, os, sys
+checkpoint = os.environ["CHARLM_CHECKPOINT"]
+result = {"uid": os.getuid(), "changeable": [], "read": len(open(checkpoint, "rb").read(8))}
+for root in sys.argv[1:]:
+    for directory, _, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, f) for f in files)]:
+            st = os.lstat(path)
+            if os.path.islink(path):  # a link's own modes mean nothing; its target is walked itself
+                continue
+            if st.st_uid == os.getuid() or st.st_mode & 0o002 or os.access(path, os.W_OK):
+                result["changeable"].append(path)
+for attempt in (checkpoint, os.path.join(os.path.dirname(checkpoint), "planted")):
+    try:
+        open(attempt, "ab").close()
+        result["changeable"].append(attempt)
+    except PermissionError:
+        pass
+print(json.dumps(result))
+"""
+
+
+def test_the_built_image_serves_a_model_its_user_cannot_change() -> None:
+    image = os.environ.get("CHARLM_TEST_IMAGE")
+    if not image:
+        pytest.skip("no image to check: build one and set CHARLM_TEST_IMAGE (e.g. charlm:0.1.0)")
+    runtime = shutil.which(os.environ.get("CHARLM_TEST_RUNTIME", "docker")) or shutil.which("podman")
+    if runtime is None:
+        pytest.skip("neither docker nor podman is installed")
+    uid = next(args for keyword, args in reversed(stages()[-1]) if keyword == "USER").partition(":")[0]
+    result = subprocess.run([runtime, "run", "--rm", "--network", "none", "--entrypoint", "python", image,
+                             "-c", OWNERSHIP_PROBE, "/srv/charlm", "/opt/venv"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["uid"] == int(uid), "the container does not run as the Dockerfile's USER"
+    assert report["read"] == 8, "the server's uid cannot read the checkpoint"
+    assert not report["changeable"], f"uid {uid} can change: {report['changeable'][:20]}"
 
 
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
