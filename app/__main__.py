@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from app.server import serve
     from charlm.checkpoint import load_checkpoint
     from charlm.device import resolve_device
-    from charlm.exit_codes import one_line
+    from charlm.inputs import one_line
 
     try:
         checkpoint = load_checkpoint(settings.checkpoint, resolve_device(settings.device))

@@ -1,41 +1,17 @@
-"""Dependencies shared by routes: the engine, readiness and the API key."""
+"""Dependencies shared by routes: the engine and readiness, the served model's id, cancelling on disconnect."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
-from charlm.engine import Engine, Handle
-
-_bearer = HTTPBearer(auto_error=False, description="needed only when the server sets CHARLM_API_KEY")
-
-
-def require_api_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    key = request.app.state.settings.api_key
-    if key is None:
-        return
-    given = credentials.credentials if credentials else ""
-    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                       headers={"WWW-Authenticate": "Bearer"})
-
-
-async def check_api_key_first(request: Request) -> None:
-    """For errors raised before dependencies run (a malformed body): a route that needs the key
-    answers 401 to a caller without it, before saying anything about the body."""
-    route = request.scope.get("route")
-    if isinstance(route, APIRoute) and any(d.call is require_api_key for d in route.dependant.dependencies):
-        require_api_key(request, await _bearer(request))
+from charlm.engine import Engine
+from charlm.handles import Handle
 
 
 def not_ready_reason(state: Any) -> str | None:
@@ -57,7 +33,6 @@ def ready_engine(request: Request) -> Engine:
 
 
 EngineDep = Annotated[Engine, Depends(ready_engine)]
-Authorized = Depends(require_api_key)
 
 
 def served_model_id(request: Request) -> str:

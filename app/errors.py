@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from charlm.engine import EngineClosedError, QueueFullError, RequestError
+from app.budget import BudgetExhausted
+from app.metrics import Metrics
+from charlm.request import EngineClosedError, QueueFullError, RequestError
 from charlm.sampling import InvalidParameter
 
 _TYPES = {
@@ -99,11 +98,35 @@ def shut_down_error() -> ApiError:
     return ApiError(503, SHUT_DOWN, headers={"Retry-After": "1"})
 
 
-def queue_refusal(exc: QueueFullError | EngineClosedError, request: Request) -> ApiError:
+def refusal(exc: InvalidParameter | QueueFullError | EngineClosedError, metrics: Metrics) -> ApiError:
+    """A request the engine would not queue, as the native routes answer it (and counted): 422 naming
+    the field and the rule, or the queue's 429/503."""
+    if isinstance(exc, InvalidParameter):
+        metrics.rejections.labels("invalid").inc()
+        return ApiError(422, f"invalid request: {exc.field}: {exc.message}", [request_error_detail(exc)],
+                        param=exc.field)
+    return queue_refusal(exc, metrics)
+
+
+def queue_refusal(exc: QueueFullError | EngineClosedError, metrics: Metrics) -> ApiError:
     """The engine would not queue the request: full (429) or closing (503), both to retry; counted."""
     full = isinstance(exc, QueueFullError)
-    request.app.state.metrics.rejections.labels("queue_full" if full else "shutting_down").inc()
+    metrics.rejections.labels("queue_full" if full else "shutting_down").inc()
     return ApiError(429 if full else 503, str(exc), headers={"Retry-After": "1"})
+
+
+def budget_refusal(exc: BudgetExhausted, metrics: Metrics) -> ApiError:
+    """The server holds its limit of log-probabilities for unread responses: 429, to retry; counted."""
+    metrics.rejections.labels("logprob_budget").inc()
+    return ApiError(429, str(exc), headers={"Retry-After": "1"})
+
+
+def scoring_timeout_error(field: str) -> ApiError:
+    """Scoring a text ran past the request timeout. The same text would run past it again, so this is
+    not a retryable 503: it says to send less (422 on the native routes, 400 on /v1)."""
+    return ApiError(422, "scoring this text did not finish within the server's request timeout; score a shorter "
+                    "text (or ask the operator to raise CHARLM_REQUEST_TIMEOUT)", param=field,
+                    details=[{"field": field, "type": "timeout", "message": "too long to score in time"}])
 
 
 def request_error_detail(exc: InvalidParameter) -> dict[str, Any]:
@@ -164,42 +187,3 @@ def openai_validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | 
     if others:
         message += f" (also invalid: {', '.join(others[:10])})"
     return message, param
-
-
-def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        if is_openai_path(request.url.path):
-            param = exc.param or (exc.details[0].get("field") if exc.details else None)
-            return openai_error_response(exc.status, exc.message, param, exc.code, exc.headers)
-        return error_response(exc.status, exc.message, exc.details, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        from app.deps import check_api_key_first  # deps imports this module
-
-        try:
-            await check_api_key_first(request)
-        except ApiError as denied:
-            return await _api_error(request, ApiError(denied.status, denied.message, headers=denied.headers))
-        errors = list(exc.errors())
-        if is_openai_path(request.url.path):
-            message, param = openai_validation_message(errors)
-            return openai_error_response(400, message, param)
-        details = validation_details(errors)
-        fields = ", ".join(sorted({d["field"] for d in details}))
-        return error_response(422, f"invalid request: {fields}", details)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = getattr(exc, "headers", None)
-        if is_openai_path(request.url.path):
-            message = str(exc.detail)
-            if exc.status_code == 404:
-                message = f"Invalid URL ({request.method} {request.url.path}): no such route"
-            return openai_error_response(exc.status_code, message, headers=headers)
-        return error_response(exc.status_code, str(exc.detail), headers=headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return error_response_for(request.url.path, 500, f"internal error: {type(exc).__name__}")

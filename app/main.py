@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -16,14 +17,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import errors
+from app import errors, handlers
+from app.budget import LogprobBudget
 from app.metrics import Metrics
 from app.routes import docs, generate, health, metrics, openai, playground, score
 from app.settings import Settings
 from charlm import __version__
 from charlm.checkpoint import Checkpoint, load_checkpoint
 from charlm.device import resolve_device
-from charlm.engine import Engine, GenerationRequest
+from charlm.engine import Engine, EngineHooks
+from charlm.request import GenerationRequest
 
 log = logging.getLogger("charlm")
 STATIC = Path(__file__).parent / "static"
@@ -43,7 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ckpt: Checkpoint = app.state.checkpoint or await run_in_threadpool(
         load_checkpoint, settings.checkpoint, resolve_device(settings.device)
     )
-    engine = Engine(ckpt.model, ckpt.vocab, settings.limits())
+    engine = Engine(ckpt.model, ckpt.vocab, settings.limits(), hooks=app.state.engine_hooks)
     app.state.checkpoint, app.state.engine = ckpt, engine
     await run_in_threadpool(_warm_up, engine)
     # What is alive now (torch, FastAPI, the model) lives as long as the process. Frozen, the
@@ -61,21 +64,40 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class BodyLimit:
-    """413 in the common error shape for bodies over the limit, announced or streamed in chunks.
+    """413 in the common error shape for bodies over the limit, announced or streamed in chunks, and
+    408 for a body that does not arrive whole within `timeout` seconds of the request's head (a client
+    that sends its body a byte at a time, or stops half-way, would otherwise hold its connection and
+    task for ever).
 
     The body (small by definition) is read up front and replayed to the app, after which the
     original `receive` is handed through so handlers still see the client disconnect.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, send)
+            return await self._refuse(scope, send, 413, f"request body over the limit of {self.max_bytes} bytes")
+        try:
+            async with asyncio.timeout(self.timeout):
+                buffered = await self._read(receive)
+        except TimeoutError:
+            return await self._refuse(scope, send, 408, f"the request body did not arrive within {self.timeout:g} s "
+                                      "of its head; send it whole, without pauses")
+        if buffered is None:
+            return await self._refuse(scope, send, 413, f"request body over the limit of {self.max_bytes} bytes")
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive) -> list[Message] | None:
+        """The body's messages, up to the disconnect if it comes first; None past the size limit."""
         buffered: list[Message] = []
         size, more = 0, True
         while more:
@@ -86,17 +108,45 @@ class BodyLimit:
             size += len(message.get("body", b""))
             more = message.get("more_body", False)
             if size > self.max_bytes:
-                return await self._refuse(scope, send)
+                return None
+        return buffered
 
-        async def replay() -> Message:
-            return buffered.pop(0) if buffered else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"request body over the limit of {self.max_bytes} bytes"
-        response = errors.error_response_for(scope["path"], 413, message)  # OpenAI's shape on /v1
+    async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
+        # OpenAI's shape on /v1; the connection closes, since the rest of the body is not read.
+        response = errors.error_response_for(scope["path"], status, message, headers={"Connection": "close"})
         await response(scope, _disconnected, send)
+
+
+class SecurityHeaders:
+    """Defence in depth for every response: no MIME sniffing, no framing by other sites (clickjacking),
+    and for pages a Content-Security-Policy that lets them load only this server's own scripts, styles
+    and data (the playground and /docs are built to need nothing else)."""
+
+    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+               (b"referrer-policy", b"no-referrer")]
+    CSP = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+           b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+    # FastAPI's Swagger UI page starts the bundle with an inline script and styles elements inline.
+    DOCS_CSP = CSP.replace(b"script-src 'self'", b"script-src 'self' 'unsafe-inline'").replace(
+        b"style-src 'self'", b"style-src 'self' 'unsafe-inline'")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        csp = self.DOCS_CSP if scope["path"] == "/docs" else self.CSP
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", [])) + self.HEADERS
+                headers.append((b"content-security-policy", csp))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 async def _disconnected() -> Message:
@@ -128,8 +178,11 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
-def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None = None) -> FastAPI:
-    """The service. `checkpoint` may be preloaded (the CLI checks it before starting the server)."""
+def create_app(
+    settings: Settings | None = None, checkpoint: Checkpoint | None = None, engine_hooks: EngineHooks | None = None
+) -> FastAPI:
+    """The service. `checkpoint` may be preloaded (the CLI checks it before starting the server);
+    `engine_hooks` reach inside the engine's worker (tests inject faults with them)."""
     settings = settings or Settings()
     app = FastAPI(
         title="charlm",
@@ -140,14 +193,16 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings, app.state.checkpoint = settings, checkpoint
+    app.state.settings, app.state.checkpoint, app.state.engine_hooks = settings, checkpoint, engine_hooks
     app.state.engine, app.state.ready, app.state.draining = None, False, False
     app.state.metrics = Metrics(lambda: app.state.engine)
-    errors.install(app)
+    app.state.logprob_budget = LogprobBudget(settings.max_logprob_values_held)
+    handlers.install(app)
     for module in (generate, score, openai, health, metrics, docs, playground):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from charlm.engine import DEFAULT_LENGTH, MAX_LOGPROBS, EngineLimits
+from charlm.request import DEFAULT_LENGTH, MAX_LOGPROBS, EngineLimits
 from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, MAX_TOP_K
 
 _LIMITS = EngineLimits()  # the per-request rules that do not depend on the server's settings
@@ -25,16 +25,17 @@ class GenerateRequest(BaseModel):
     seed: str = Field(min_length=1, description="start text; every character must be in the model's vocabulary")
     length: int = Field(DEFAULT_LENGTH, ge=1, strict=True,
                         description="characters to generate (the server's limit is max_length on /info)")
+    # The sampling settings' ranges are SamplingParams' (charlm/sampling.py) to check, in one place;
+    # they are stated here only so that the API page shows them.
     scale_factor: float = Field(
-        1.0, gt=0, le=MAX_SCALE_FACTOR, allow_inf_nan=False, strict=True,
+        1.0, strict=True, json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_SCALE_FACTOR},
         description="multiplies the logits: > 1 more predictable, < 1 more random (about 100 and above: "
         "always the most likely character)",
     )
-    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, strict=True,
-                              description="sample only among the k most likely characters (k >= the vocabulary "
-                              "size: no filter)")
-    top_p: float | None = Field(None, gt=0, le=1, strict=True,
-                                description="sample from the smallest set reaching this probability")
+    top_k: Annotated[int, Field(strict=True, json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K})] | None = Field(
+        None, description="sample only among the k most likely characters (k >= the vocabulary size: no filter)")
+    top_p: Annotated[float, Field(strict=True, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})] | None = (
+        Field(None, description="sample from the smallest set reaching this probability"))
     random_seed: int | None = Field(
         None, ge=0, le=MAX_RANDOM_SEED, strict=True,
         description="same request + same random_seed = same text; drawn and returned if absent",

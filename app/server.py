@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -64,17 +67,26 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol plus what it lacks: a connection that has not sent a complete request
-    head within `seconds` of opening (or of its last response) is closed, so clients that connect
-    and send nothing, or a header a byte at a time, cannot hold sockets forever."""
+def guarded_protocol(header_seconds: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol plus what it lacks:
 
-    class HeaderTimeoutProtocol(H11Protocol):
+    - a connection that has not sent a complete request head within `header_seconds` of opening (or
+      of its last response) is closed, so clients that connect and send nothing, or a header a byte at
+      a time, cannot hold sockets forever (the body has its own deadline: main.BodyLimit);
+    - at `max_connections` open, a new connection closes the one idle the longest (no request in
+      progress), so the process never runs out of descriptors while idle clients hold them and
+      probes and real clients are still served. When none is idle, uvicorn answers the new one's
+      request with 503, and past BUSY_OVERFLOW more the connection is closed at once."""
+
+    class GuardedProtocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _idle_since: float = 0.0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
+            if len(self.connections) >= max_connections:
+                self._make_room()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -85,28 +97,78 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
                 self._head_timer.cancel()
             super().connection_lost(exc)
 
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _make_room(self) -> None:
+            """Close the longest-idle connections until this one is within the limit (uvicorn answers
+            503 at the limit itself), or close this one when too many are busy to make room."""
+            open_ = [c for c in self.connections if isinstance(c, GuardedProtocol) and not c.transport.is_closing()]
+            idle = sorted((c for c in open_ if c is not self and c._idle()), key=lambda c: c._idle_since)
+            for connection in idle[: len(open_) - (max_connections - 1)]:
+                connection.transport.close()
+            if len(open_) - len(idle) > max_connections + BUSY_OVERFLOW:
+                self.transport.close()  # beyond what its 503 may take: the descriptors are kept
+
         def _arm(self) -> None:
+            self._idle_since = time.monotonic()
             if self._head_timer is not None:
                 self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(seconds, self._expired)
+            self._head_timer = self.loop.call_later(header_seconds, self._expired)
 
         def _expired(self) -> None:
-            idle = self.cycle is None or self.cycle.response_complete  # no request head since armed
-            if idle and not self.transport.is_closing():
+            if self._idle() and not self.transport.is_closing():  # no request head since armed
                 self.transport.close()
 
-    return HeaderTimeoutProtocol
+    return GuardedProtocol
+
+
+# Descriptors kept free for what is not a connection: the listening socket, logs, files read at run time,
+# and BUSY_OVERFLOW connections beyond the limit that are told 503 when every other one is busy.
+DESCRIPTOR_RESERVE = 16
+BUSY_OVERFLOW = 8
+
+
+def connection_limit(configured: int) -> int:
+    """The configured connection limit, lowered to what the descriptor limit (RLIMIT_NOFILE) leaves
+    after those already open and a reserve, so that accept() never fails for want of a descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: assume the standard three and a few more
+        in_use = 8
+    return max(1, min(configured, soft - in_use - DESCRIPTOR_RESERVE))
+
+
+class RedactQuery(logging.Filter):
+    """Access-log lines show a query string's parameter names, never their values: a client may put
+    an API key there (it is refused, but it must not reach the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            path, query = args[2].split("?", 1)
+            names = [part.split("=", 1)[0] for part in query.split("&")]
+            record.args = (*args[:2], path + "?" + "&".join(f"{n}=<redacted>" for n in names), *args[3:])
+        return True
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(
+    limit = connection_limit(settings.limit_concurrency)
+    if limit < settings.limit_concurrency:
+        log.info("connections limited to %d by the descriptor limit (RLIMIT_NOFILE)", limit)
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info",
-        http=header_timeout_protocol(settings.header_timeout),
-        limit_concurrency=settings.limit_concurrency, backlog=settings.backlog,
+        http=guarded_protocol(settings.header_timeout, limit),
+        limit_concurrency=limit, backlog=settings.backlog,
         timeout_keep_alive=settings.timeout_keep_alive,
         # uvicorn's None means "wait forever": always give it a number, past the engine's own grace.
         timeout_graceful_shutdown=settings.grace_seconds + RESPONSE_MARGIN_SECONDS,  # type: ignore[arg-type]
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactQuery())  # after Config has set up uvicorn's logging
+    return config
 
 
 def serve(settings: Settings, checkpoint: Checkpoint | None = None) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from charlm.engine import EngineLimits
+from charlm.request import EngineLimits
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "mysterious_island.safetensors"
 _LIMITS = EngineLimits()
@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     max_queue: int = Field(_LIMITS.max_queue, ge=1, description="requests waiting before new ones get 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds a request may take before it ends")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    body_timeout: float = Field(30.0, gt=0, le=3600,
+                                description="seconds from a request's head to the end of its body, else 408")
+    # A log-probability costs ~40 bytes in the engine (CharLogprob) until its response is sent
+    # (benchmarks/memory.py measures the worst accepted request against the Deployment's 768 MiB).
+    max_logprob_values: int = Field(262_144, ge=1, description="log-probabilities one response may carry "
+                                    "(characters x choices x (1 + alternatives)); more is a 400")
+    max_logprob_values_held: int = Field(1_048_576, ge=1, description="log-probabilities held for all responses "
+                                         "not yet sent; a request that would pass it gets 429")
     stream_interval_ms: int = Field(50, ge=0, le=1000, description="a stream sends at most one text event per this")
     api_key: SecretStr | None = Field(None, description="when set, requests need Authorization: Bearer <key>")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: PyTorch's choice)")
@@ -50,6 +58,14 @@ class Settings(BaseSettings):
         if key is not None and not key.get_secret_value().strip():
             raise ValueError("CHARLM_API_KEY is set but empty: set a key, or unset it to serve without one")
         return key
+
+    @model_validator(mode="after")
+    def _held_covers_one(self) -> Settings:
+        """A server that cannot hold one largest response would refuse it forever with a retryable 429."""
+        if self.max_logprob_values_held < self.max_logprob_values:
+            raise ValueError(f"CHARLM_MAX_LOGPROB_VALUES_HELD ({self.max_logprob_values_held}) must be at least "
+                             f"CHARLM_MAX_LOGPROB_VALUES ({self.max_logprob_values})")
+        return self
 
     def limits(self) -> EngineLimits:
         return EngineLimits(max_length=self.max_length, max_seed_chars=self.max_seed_chars,

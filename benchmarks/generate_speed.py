@@ -17,7 +17,8 @@ import torch
 from benchmarks.common import MODEL, matmul_gflops, median
 from benchmarks.seed_recipe import NotebookRNN, sample
 from charlm.checkpoint import load_checkpoint
-from charlm.engine import Engine, EngineLimits, GenerationRequest
+from charlm.engine import Engine
+from charlm.request import EngineLimits, GenerationRequest
 from charlm.sampling import SamplingParams
 
 SEED, LENGTH, SCALE = "The island", 500, 2.0

@@ -24,7 +24,8 @@ import torch
 
 from benchmarks.common import ROOT, corpus_text, matmul_gflops, median
 from benchmarks.seed_recipe import NotebookRNN, notebook_loader, notebook_train_step
-from charlm.train import TrainConfig, train
+from charlm.train import train
+from charlm.train_config import TrainConfig
 from charlm.vocab import Vocab
 
 

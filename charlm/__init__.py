@@ -16,26 +16,28 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from charlm.checkpoint import Checkpoint
-    from charlm.engine import GenerationResult
+    from charlm.request import GenerationResult
 
 __all__ = ["__version__", "load", "evaluate_text", "generate"]
 
 
 def load(path: str, device: str = "auto") -> Checkpoint:
     """Load a checkpoint onto a device ('auto' = CUDA when present). Any file that is not a usable
-    checkpoint, however it is broken, raises CheckpointError naming the file."""
+    checkpoint, however it is broken, raises CheckpointError naming the file; the device's own errors
+    (CUDA out of memory) propagate as themselves."""
     from charlm.checkpoint import CheckpointError, load_checkpoint
     from charlm.device import resolve_device
-    from charlm.exit_codes import input_errors
+    from charlm.inputs import input_errors
 
     target = resolve_device(device)  # outside the guard: a bad device name is not a bad file
     with input_errors(CheckpointError, path, "charlm checkpoint"):
-        return load_checkpoint(path, target)
+        ckpt = load_checkpoint(path)  # read and checked on the CPU
+    return ckpt.to(target)  # outside the guard too: a device out of memory is not a damaged file
 
 
 def evaluate_text(ckpt: Checkpoint, text: str) -> dict[str, float]:
     """Bits per character of `text` under the model (state carried over the whole text)."""
-    from charlm.train import evaluate
+    from charlm.evaluate import evaluate
 
     return evaluate(ckpt.model, ckpt.vocab.encode(text))
 
@@ -45,7 +47,8 @@ def generate(ckpt: Checkpoint, seed: str, **options: Any) -> GenerationResult:
     (scale_factor, top_k, top_p), given flat as before the request grouped its sampling settings."""
     from dataclasses import fields
 
-    from charlm.engine import Engine, EngineLimits, GenerationRequest
+    from charlm.engine import Engine
+    from charlm.request import EngineLimits, GenerationRequest
     from charlm.sampling import SamplingParams
 
     sampling = {f.name for f in fields(SamplingParams)}

@@ -22,6 +22,7 @@ from safetensors.torch import save
 
 from charlm.files import atomic_write
 from charlm.model import CharLSTM, ModelConfig
+from charlm.request import is_int
 from charlm.vocab import Vocab
 
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_safetensors"]
@@ -59,6 +60,13 @@ class Checkpoint:
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def to(self, device: str | torch.device) -> Checkpoint:
+        """Move the model to `device` (in place) and return self. Kept apart from reading the file: a device
+        that fails here (CUDA out of memory) says nothing about the file, so callers do it outside the
+        guard that reports a crash while reading as a damaged file."""
+        self.model.to(device)
+        return self
 
 
 def save_checkpoint(
@@ -157,10 +165,6 @@ def _parse_vocab(path: Path, metadata: dict[str, str]) -> Vocab:
         raise CheckpointError(f"{path} has a broken vocabulary: {exc}; {FIX}") from None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parse_config(path: Path, metadata: dict[str, str], vocab_size: int) -> ModelConfig:
     """The model config, every size a real int in range and dropout a float in [0, 1), checked before use."""
     raw = _parse_json(path, metadata, "charlm.model")
@@ -175,7 +179,7 @@ def _parse_config(path: Path, metadata: dict[str, str], vocab_size: int) -> Mode
         raise CheckpointError(f"{broken}: 'vocab_size' is missing; {FIX}")
     limits = {"vocab_size": MAX_VOCAB, "embed": MAX_WIDTH, "hidden": MAX_WIDTH, "layers": MAX_LAYERS}
     for name, limit in limits.items():
-        if name in raw and not (_is_int(raw[name]) and 1 <= raw[name] <= limit):
+        if name in raw and not (is_int(raw[name]) and 1 <= raw[name] <= limit):
             raise CheckpointError(f"{broken}: {name} must be an integer in [1, {limit}], got {raw[name]!r}; {FIX}")
     if "dropout" in raw:
         dropout = raw["dropout"]
@@ -259,7 +263,9 @@ def _read_weights(path: Path, f: Any, names: list[str]) -> dict[str, torch.Tenso
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint onto `device`, in eval mode; anything wrong is a one-line CheckpointError."""
+    """Load a checkpoint onto `device`, in eval mode; anything wrong with the file is a one-line
+    CheckpointError. A caller that reports crashes while reading as a damaged file (charlm.inputs.input_errors)
+    loads onto the CPU inside that guard and calls Checkpoint.to(device) outside it."""
     path = Path(path)
     with _safe_open(path) as f:
         metadata = f.metadata() or {}
@@ -279,4 +285,4 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the config in its metadata: {exc}; {FIX}") from None
-    return Checkpoint(model=model.to(device).eval(), vocab=vocab, train=train)
+    return Checkpoint(model=model.eval(), vocab=vocab, train=train).to(device)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -17,45 +16,34 @@ from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from charlm.train import Option, TrainConfig
+    from charlm.sampling import SamplingParams
+    from charlm.train_config import Option, TrainConfig
 
 __all__ = ["main"]
 
 SERVE_OPTIONS = ("checkpoint", "host", "port", "device")  # forwarded to `python -m app` when given
 
 
-def _positive_int(value: str) -> int:
+def _int(value: str) -> int:
     try:
-        n = int(value)
+        return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+
+
+def _positive_int(value: str) -> int:
+    n = _int(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
 
 
-def _float(value: str) -> float:
+def _number(value: str) -> float:
+    """A number, any number: its range is SamplingParams' to check (charlm.sampling is their one home)."""
     try:
-        x = float(value)
+        return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-    return x
-
-
-def _positive_float(value: str) -> float:
-    x = _float(value)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return x
-
-
-def _fraction_or_one(value: str) -> float:
-    x = _positive_float(value)
-    if x > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return x
 
 
 def _checked(kind: type, option: Option) -> Callable[[str], Any]:
@@ -83,7 +71,7 @@ def _flag(name: str, option: Option) -> str:
 def _add_train(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, with the field's default, type and range: the dataclass is the one
     home of training defaults, so the CLI cannot drift from what Python callers get."""
-    from charlm.train import TrainConfig, field_types, option_of
+    from charlm.train_config import TrainConfig, field_types, option_of
 
     types = field_types()
     for f in fields(TrainConfig):
@@ -111,7 +99,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace, corpus: list[str]) -> TrainConfig:
     """TrainConfig from the parsed flags; its own refusals (e.g. --out naming the corpus) become usage errors
     that name the flag."""
-    from charlm.train import TrainConfig, TrainConfigError, option_of
+    from charlm.train_config import TrainConfig, TrainConfigError, option_of
 
     options = {f.name: option_of(f) for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name, option in options.items() if option and option.cli}
@@ -128,7 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from charlm.corpus_source import fetch_corpus
     from charlm.distributed import World
-    from charlm.train import TrainConfigError, check_batch_split, train
+    from charlm.train import check_batch_split, train
+    from charlm.train_config import TrainConfigError
 
     if args.steps is None and args.time_budget is None:
         raise argparse.ArgumentTypeError("give --steps or --time-budget")
@@ -181,7 +170,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from charlm import evaluate_text, load
     from charlm.corpus_source import fetch_corpus
-    from charlm.exit_codes import input_errors
+    from charlm.inputs import input_errors
     from charlm.text import CorpusError, load_corpus, split_text
 
     ckpt = load(args.checkpoint, args.device)
@@ -198,26 +187,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
-    from charlm.engine import DEFAULT_LENGTH
+    from charlm.request import DEFAULT_LENGTH
 
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--seed", required=True, help="start text; every character must be in the vocabulary")
     p.add_argument("--length", type=_positive_int, default=DEFAULT_LENGTH,
                    help="characters to generate (default: %(default)s)")
-    p.add_argument("--scale-factor", type=_positive_float, default=1.0, help="logit multiplier (1/temperature)")
-    p.add_argument("--top-k", type=_positive_int)
-    p.add_argument("--top-p", type=_fraction_or_one)
+    # Their ranges are SamplingParams' (the library's and the service's too): _sampling checks them.
+    p.add_argument("--scale-factor", type=_number, default=1.0, help="logit multiplier (1/temperature)")
+    p.add_argument("--top-k", type=_int, help="keep only the k most likely characters")
+    p.add_argument("--top-p", type=_number, help="keep the most likely characters up to this probability")
     p.add_argument("--random-seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="end at this string (repeatable, up to 4)")
     p.add_argument("--device", default="auto")
 
 
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags as SamplingParams, which checks their ranges; a refusal names the flag."""
+    from charlm.sampling import InvalidParameter, SamplingParams
+
+    try:
+        return SamplingParams(scale_factor=args.scale_factor, top_k=args.top_k, top_p=args.top_p)
+    except InvalidParameter as exc:
+        raise argparse.ArgumentTypeError(f"argument --{exc.field.replace('_', '-')}: {exc.message}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from charlm import generate, load
 
+    sampling = _sampling(args)  # before the checkpoint is loaded: a bad flag fails at once
     ckpt = load(args.checkpoint, args.device)
-    result = generate(ckpt, args.seed, length=args.length, scale_factor=args.scale_factor, top_k=args.top_k,
-                      top_p=args.top_p, random_seed=args.random_seed, stop=tuple(args.stop))
+    result = generate(ckpt, args.seed, length=args.length, scale_factor=sampling.scale_factor,
+                      top_k=sampling.top_k, top_p=sampling.top_p, random_seed=args.random_seed,
+                      stop=tuple(args.stop))
     print(result.text)
     print(f"[{result.finish_reason}; random_seed {result.random_seed}; "
           f"{result.timings.chars_per_s:.0f} chars/s]", file=sys.stderr)
@@ -283,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"charlm {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from charlm.exit_codes import exit_code, one_line
+        from charlm.exit_codes import exit_code
+        from charlm.inputs import one_line
 
         code = exit_code(exc)
         if code is None:

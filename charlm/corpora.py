@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from charlm.exit_codes import input_errors
+from charlm.inputs import input_errors
 from charlm.text import CorpusError, corpus_files, load_corpus, split_text
 from charlm.vocab import Vocab
 

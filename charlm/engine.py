@@ -7,61 +7,49 @@ steps (continuous batching), so nobody waits for another request to end.
 
 Scoring a text (how likely the model finds each of its characters) is a job of its own in the same
 worker: it goes through nn.LSTM in the same chunks as a long seed, interleaved with decode steps.
+
+What goes in and comes out (requests, results, errors) is in charlm/request.py; what a caller holds
+while the work runs (handles) in charlm/handles.py; stop strings in charlm/stopping.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
 
 import torch
 
 from charlm import native
 from charlm.decoder import Decoder
+from charlm.handles import Generation, Handle, Scoring, running_loop
+from charlm.logprobs import sampled_logprobs, scored_logprobs
 from charlm.model import CharLSTM
-from charlm.sampling import (
-    MAX_RANDOM_SEED,
-    InvalidParameter,
-    RowSampler,
-    SamplingParams,
-    new_random_seed,
-    sample_rows,
+from charlm.request import (
+    CharLogprob,
+    EngineClosedError,
+    EngineLimits,
+    FinishReason,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    QueueFullError,
+    ScoreRequest,
+    ScoreResult,
+    ScoringStopped,
+    Timings,
+    validate,
+    validate_score,
 )
-from charlm.vocab import UnknownCharactersError, Vocab
+from charlm.sampling import RowSampler, SamplingParams, new_random_seed, sample_batch
+from charlm.stopping import StopStrings
+from charlm.vocab import Vocab
 
-__all__ = [
-    "Engine",
-    "EngineLimits",
-    "GenerationRequest",
-    "GenerationResult",
-    "Generation",
-    "Handle",
-    "ScoreRequest",
-    "ScoreResult",
-    "Scoring",
-    "CharLogprob",
-    "Usage",
-    "Timings",
-    "EngineStats",
-    "DEFAULT_LENGTH",
-    "MAX_LOGPROBS",
-    "RequestError",
-    "QueueFullError",
-    "EngineClosedError",
-    "GenerationFailed",
-    "ScoringStopped",
-    "validate_text",
-]
+__all__ = ["Engine", "EngineHooks", "EngineStats"]
 
-FinishReason = Literal["length", "stop", "cancelled", "timeout"]
-
-DEFAULT_LENGTH = 200  # characters generated when a request does not say; the CLI and the API use it too
 
 # Seeds up to this many characters are prefilled together, through the decoder's batched steps.
 SHORT_SEED = 64
@@ -70,122 +58,19 @@ SHORT_SEED = 64
 # of them per loop.
 PREFILL_CHUNK = 512
 
-# Most likely alternatives a request may ask for per character (OpenAI's legacy `logprobs` limit):
-# each one is a tuple per character kept until the response, so the number is bounded.
-MAX_LOGPROBS = 5
-
-
-class RequestError(InvalidParameter):
-    """A request is invalid; `field` names the offending field, `chars` any unknown characters."""
-
-    def __init__(self, field: str, message: str, chars: list[str] | None = None):
-        super().__init__(field, message)
-        self.chars = chars or []
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit; try again later."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine is shutting down or stopped and admits no new work."""
-
-
-class GenerationFailed(RuntimeError):
-    """This request failed inside the engine; other requests were not affected."""
-
-
-class ScoringStopped(RuntimeError):
-    """A scoring job ended before its text did: `reason` is "timeout" (it ran past its timeout; score
-    a shorter text or raise the timeout) or "cancelled" (its caller went away)."""
-
-    def __init__(self, reason: Literal["cancelled", "timeout"]):
-        super().__init__(f"scoring was {'cancelled' if reason == 'cancelled' else 'stopped by its timeout'}")
-        self.reason = reason
-
 
 @dataclass(frozen=True)
-class EngineLimits:
-    max_length: int = 2000  # characters generated per request
-    max_seed_chars: int = 10_000  # characters of seed text per request
-    max_batch: int = 64  # rows decoded together in one step
-    max_queue: int = 256  # requests waiting to be admitted before submit() refuses
-    max_stop: int = 4  # stop strings per request
-    max_stop_chars: int = 64  # characters per stop string
-    max_score_chars: int = 10_000  # characters of text per scoring request
+class EngineHooks:
+    """Seams for tests and diagnostics to act inside the worker (pace it, inject a fault) without
+    patching its private methods. Each runs on the worker thread, so one that blocks holds up every
+    request; None (the default) costs one comparison per step or character.
+    """
 
-
-@dataclass(frozen=True)
-class CharLogprob:
-    """One character and how likely the model found it there: the natural log of its probability under
-    the model's own distribution (before scale_factor and filters, so it does not depend on how the
-    character was sampled), with the most likely alternatives."""
-
-    char: str
-    logprob: float | None  # None for the first character of a scored text: nothing precedes it to predict it
-    top: tuple[tuple[str, float], ...] = ()  # (character, logprob), most likely first, ties by id
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    seed: str  # the start text (the seed notebook's word); random seeds are called random_seed
-    length: int = DEFAULT_LENGTH
-    sampling: SamplingParams = SamplingParams()  # built (and so validated) once, where the request enters
-    random_seed: int | None = None
-    stop: tuple[str, ...] = ()
-    timeout: float | None = None  # seconds from submission; the request then ends with "timeout"
-    # For each generated character its CharLogprob with this many alternatives (0 to MAX_LOGPROBS);
-    # None: not computed at all, so requests that do not ask pay nothing for it.
-    logprobs: int | None = None
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """Score `text`: every character after the first, predicted from all the characters before it."""
-
-    text: str
-    top_k: int = 0  # most likely alternatives reported per character, 0 to MAX_LOGPROBS
-    timeout: float | None = None  # seconds from submission; the job then ends with ScoringStopped
-
-
-@dataclass(frozen=True)
-class Usage:
-    seed_chars: int
-    generated_chars: int
-
-
-@dataclass(frozen=True)
-class Timings:
-    queue_ms: float  # submitted → admitted to a row
-    prefill_ms: float  # the seed through the LSTM, and the first character sampled
-    generate_ms: float  # the first character → the last
-    chars_per_s: float
-
-
-@dataclass
-class GenerationResult:
-    text: str  # seed + generated, as the notebook returned it
-    generated: str
-    finish_reason: FinishReason
-    random_seed: int
-    usage: Usage
-    timings: Timings
-    logprobs: list[CharLogprob] | None = None  # one per generated character, when the request asked
-
-
-@dataclass
-class ScoreResult:
-    """How well the model predicts a text, computed as `charlm eval` computes held-out bpc: the state is
-    carried over the whole text and each character is predicted from all before it. The first
-    character has no prediction (the model has no start-of-text token), so it is context, not scored."""
-
-    text: str
-    chars: int  # characters predicted: all but the first
-    logprob: float  # their summed log-probability, in nats (<= 0)
-    bits_per_char: float  # -logprob / chars / ln 2
-    per_char: list[CharLogprob]  # every character of the text, the first with logprob None
-    queue_ms: float
-    score_ms: float
+    # Before each batched decode step. Raising fails that step's requests, as a failed step would.
+    before_step: Callable[[], object] | None = None
+    # Each character sampled for a generation, before the engine records it: (its request, how many
+    # characters that request had generated before it). Raising fails that request alone.
+    on_char: Callable[[Generation, int], object] | None = None
 
 
 @dataclass
@@ -201,249 +86,23 @@ class EngineStats:
     scored: int = 0  # scoring jobs completed
 
 
-def validate_text(field_name: str, text: str, vocab: Vocab, max_chars: int, min_chars: int = 1) -> None:
-    """Refuse a text that is too short, too long, or has characters outside the vocabulary (all named)."""
-    if not isinstance(text, str):
-        raise RequestError(field_name, f"must be a string, got {type(text).__name__}")
-    if len(text) < min_chars:
-        raise RequestError(field_name, f"must contain at least {min_chars} character{'s' if min_chars > 1 else ''}")
-    if len(text) > max_chars:
-        raise RequestError(field_name, f"has {len(text)} characters; the limit is {max_chars}")
-    unknown = vocab.unknown(text)
-    if unknown:
-        raise RequestError(field_name, str(UnknownCharactersError(unknown)), chars=unknown)
-
-
-def _validate_logprobs(field_name: str, value: int | None) -> None:
-    if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
-        raise RequestError(field_name, f"must be a whole number between 0 and {MAX_LOGPROBS}, got {value}")
-
-
-def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> None:
-    """Refuse a request with an error naming the field and the limit."""
-    validate_text("seed", request.seed, vocab, limits.max_seed_chars)
-    if not _is_int(request.length) or not 1 <= request.length <= limits.max_length:
-        raise RequestError("length", f"must be a whole number between 1 and {limits.max_length}, got {request.length}")
-    if not isinstance(request.sampling, SamplingParams):
-        raise RequestError("sampling", "must be a SamplingParams")
-    if request.random_seed is not None and not (
-        _is_int(request.random_seed) and 0 <= request.random_seed <= MAX_RANDOM_SEED
-    ):
-        raise RequestError("random_seed", f"must be a whole number between 0 and {MAX_RANDOM_SEED}")
-    if len(request.stop) > limits.max_stop:
-        raise RequestError("stop", f"at most {limits.max_stop} strings, got {len(request.stop)}")
-    for s in request.stop:
-        if not 1 <= len(s) <= limits.max_stop_chars:
-            raise RequestError("stop", f"each string must have 1 to {limits.max_stop_chars} characters")
-    if request.timeout is not None and not request.timeout > 0:
-        raise RequestError("timeout", f"must be > 0 seconds, got {request.timeout}")
-    _validate_logprobs("logprobs", request.logprobs)
-
-
-def validate_score(request: ScoreRequest, vocab: Vocab, limits: EngineLimits) -> None:
-    """A text of at least two characters (the first is context for the second) within the limit."""
-    validate_text("text", request.text, vocab, limits.max_score_chars, min_chars=2)
-    _validate_logprobs("top_k", request.top_k)
-    if request.timeout is not None and not request.timeout > 0:
-        raise RequestError("timeout", f"must be > 0 seconds, got {request.timeout}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-R = TypeVar("R")
-
-
-class Handle(Generic[R]):
-    """A submitted job as its caller sees it: wait for the outcome, or cancel.
-
-    Usable from threads (`handle.result()`) and from asyncio (`await handle.wait()`); the worker thread
-    finishes it, and consumers never block the worker.
-    """
-
-    def __init__(
-        self,
-        timeout: float | None,
-        loop: asyncio.AbstractEventLoop | None,
-        withdraw: Callable[[Handle[Any]], None] | None = None,
-    ):
-        self.submitted = time.perf_counter()
-        self.deadline = self.submitted + timeout if timeout else None
-        self.finished_at: float | None = None
-        self._result: R | None = None
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._cond = threading.Condition()
-        self._cancelled = False
-        self._loop = loop
-        self._async_event = asyncio.Event() if loop else None
-        self._wake_pending = False  # a wakeup is scheduled on the consumer's loop and not yet seen
-        self._withdraw = withdraw  # takes a cancelled request out of the waiting queue at once
-        self._on_finish: Callable[[], None] | None = None  # the engine counts what is still unfinished
-
-    # --- producer side (worker thread) ---
-    def _notify(self, wake_loop: bool = True) -> None:
-        with self._cond:
-            self._cond.notify_all()
-        if wake_loop and self._loop and self._async_event and not self._wake_pending:
-            self._wake_pending = True  # one wakeup until the consumer looks again, however many chunks
-            try:
-                self._loop.call_soon_threadsafe(self._async_event.set)
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-                pass
-
-    def _finish(self, result: R | None, error: BaseException | None = None) -> None:
-        if self._done.is_set():  # a job ends once
-            return
-        self._result, self._error = result, error
-        self.finished_at = time.perf_counter()
-        self._done.set()
-        if self._on_finish is not None:
-            self._on_finish()
-        self._notify()
-
-    # --- consumer side ---
-    def cancel(self) -> None:
-        """Drop this request: a queued one leaves the queue now (its place is free for the next
-        request); a running one frees its row at the worker's next step."""
-        if self._cancelled or self._done.is_set():
-            return
-        self._cancelled = True
-        if self._withdraw is not None:
-            self._withdraw(self)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def ended_early(self) -> FinishReason | None:
-        """'cancelled' or 'timeout' once the request must stop before its end, else None."""
-        if self._cancelled:
-            return "cancelled"
-        if self.deadline and time.perf_counter() > self.deadline:
-            return "timeout"
-        return None
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _outcome(self) -> R:
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def result(self, timeout: float | None = None) -> R:
-        if not self._done.wait(timeout):
-            raise TimeoutError("the request did not finish in time")
-        return self._outcome()
-
-    async def wait(self) -> R:
-        """The result, once done; woken only by the finish, not by every character."""
-        assert self._async_event is not None, "submit from the event loop to consume asynchronously"
-        while not self._done.is_set():
-            self._rearm()
-            if not self._done.is_set():
-                await self._async_event.wait()
-        return self._outcome()
-
-    def _rearm(self) -> None:
-        """Before looking for news and then waiting: the next chunk or the finish wakes us again."""
-        assert self._async_event is not None
-        self._wake_pending = False
-        self._async_event.clear()
-
-
-class Generation(Handle[GenerationResult]):
-    """A handle on one generation request: iterate characters, wait for the result, or cancel.
-
-    Usable from threads (`for ch in gen`, `gen.result()`) and from asyncio (`async for`, `await
-    gen.wait()`); the worker thread pushes events, consumers never block the worker.
-    """
-
-    def __init__(
-        self,
-        request: GenerationRequest,
-        random_seed: int,
-        loop: asyncio.AbstractEventLoop | None,
-        withdraw: Callable[[Handle[Any]], None] | None = None,
-    ):
-        super().__init__(request.timeout, loop, withdraw)
-        self.request = request
-        self.random_seed = random_seed
-        self.first_char_at: float | None = None
-        self._chunks: collections.deque[str] = collections.deque()
-        # With `request.logprobs`: one CharLogprob per character handed out so far, in order; each is
-        # added before its character, so a consumer that has read n characters finds n entries here.
-        self.logprobs: list[CharLogprob] = []
-        self._streaming = False  # an `async for` consumer has started: wake its loop for chunks
-
-    # --- producer side (worker thread) ---
-    def _emit(self, text: str, logprobs: Sequence[CharLogprob] = ()) -> None:
-        if text:
-            if self.first_char_at is None:
-                self.first_char_at = time.perf_counter()
-            if logprobs:
-                self.logprobs.extend(logprobs)
-            self._chunks.append(text)
-            # Waking an event loop costs a syscall and a task switch: only for `async for` consumers.
-            self._notify(wake_loop=self._streaming)
-
-    # --- consumer side ---
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            with self._cond:
-                while not self._chunks and not self._done.is_set():
-                    self._cond.wait()
-            while self._chunks:
-                yield self._chunks.popleft()
-            if self._done.is_set() and not self._chunks:
-                return
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        assert self._async_event is not None, "submit from the event loop to consume asynchronously"
-        self._streaming = True  # before looking at the chunks, so no chunk can go unannounced
-        while True:
-            if self._chunks:  # whatever came in since the last look, as one piece: a slow reader
-                parts = []  # gets fewer, longer events instead of falling further behind
-                while self._chunks:
-                    parts.append(self._chunks.popleft())
-                yield "".join(parts)
-                continue
-            if self._done.is_set():
-                if self._chunks:
-                    continue
-                return
-            self._rearm()
-            if self._chunks or self._done.is_set():
-                continue
-            await self._async_event.wait()
-
-
-class Scoring(Handle[ScoreResult]):
-    """A handle on one scoring job: wait for its ScoreResult (or ScoringStopped), or cancel it."""
-
-    def __init__(
-        self,
-        request: ScoreRequest,
-        loop: asyncio.AbstractEventLoop | None,
-        withdraw: Callable[[Handle[Any]], None] | None = None,
-    ):
-        super().__init__(request.timeout, loop, withdraw)
-        self.request = request
-
-
 @dataclass(eq=False)  # identity: jobs are found in the queue by object, never compared by tensors
-class _Prefill:
-    """A request whose seed is being run through the LSTM, chunk by chunk."""
+class _ChunkedJob:
+    """Text going through nn.LSTM chunk by chunk (a long seed, or a text to score), and how far it got."""
 
-    gen: Generation
-    ids: torch.Tensor
-    pos: int = 0
+    ids: torch.Tensor  # (1, characters)
+    _: KW_ONLY
+    pos: int = 0  # characters fed to the model so far
     state: tuple[torch.Tensor, torch.Tensor] | None = None
     seconds: float = 0.0
     admitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Prefill(_ChunkedJob):
+    """A request whose seed is being run through the LSTM, chunk by chunk."""
+
+    gen: Generation
     # Requests with the same long seed admitted while this one prefills (the n choices of one prompt):
     # they take its final state instead of computing the same chunks again.
     followers: list[_Prefill] = field(default_factory=list)
@@ -454,15 +113,11 @@ class _Prefill:
 
 
 @dataclass(eq=False)
-class _ScoreJob:
-    """A text being scored, chunk by chunk, with what its chunks found so far."""
+class _ScoreJob(_ChunkedJob):
+    """A text being scored, chunk by chunk, with what its chunks found so far; each character fed to the
+    model predicts the next one."""
 
     scoring: Scoring
-    ids: torch.Tensor  # (1, characters)
-    pos: int = 0  # characters fed to the model; each predicts the next one
-    state: tuple[torch.Tensor, torch.Tensor] | None = None
-    seconds: float = 0.0
-    admitted: float = field(default_factory=time.perf_counter)
     per_char: list[CharLogprob] = field(default_factory=list)
 
     @property
@@ -470,7 +125,7 @@ class _ScoreJob:
         return [self.scoring]
 
 
-_Job = _Prefill | _ScoreJob
+_Job = _Prefill | _ScoreJob  # what the prefill queue holds
 
 
 @dataclass
@@ -491,16 +146,21 @@ class _Row:
     scale: float = 1.0
     top_k: int = 0
     top_p: float = 0.0
+    stops: StopStrings | None = None  # None when the request has no stop strings: nothing to check
 
 
 class Engine:
     """Continuous-batching text generation (and scoring) over one model, on CPU or CUDA."""
 
-    def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None, use_native: bool = True):
-        """`use_native=False` runs on PyTorch alone even where the native kernels are built."""
+    def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None, use_native: bool = True,
+                 hooks: EngineHooks | None = None):
+        """`use_native=False` runs on PyTorch alone even where the native kernels are built; `hooks`
+        act inside the worker (see EngineHooks)."""
         self.model = model.eval()
         self.vocab = vocab
         self.limits = limits or EngineLimits()
+        self.hooks = hooks or EngineHooks()
+        self._on_char = self.hooks.on_char  # read for every character: one attribute, not two
         self.device = model.fc.weight.device
         kernels = native.load() if use_native and self.device.type == "cpu" else None
         self._decoder = Decoder(model, self.limits.max_batch, kernels)
@@ -542,7 +202,7 @@ class Engine:
         while rows are free, so those with the same seed (the n choices of one prompt) share its prefill."""
         for request in requests:
             validate(request, self.vocab, self.limits)
-        loop = _running_loop()
+        loop = running_loop()
         gens = [
             Generation(r, r.random_seed if r.random_seed is not None else new_random_seed(), loop, self._withdraw)
             for r in requests
@@ -553,7 +213,7 @@ class Engine:
     def score(self, request: ScoreRequest) -> Scoring:
         """Validate and enqueue a scoring job; raises RequestError, QueueFullError or EngineClosedError at once."""
         validate_score(request, self.vocab, self.limits)
-        scoring = Scoring(request, _running_loop(), self._withdraw)
+        scoring = Scoring(request, running_loop(), self._withdraw)
         self._enqueue([scoring])
         return scoring
 
@@ -702,11 +362,11 @@ class Engine:
                 self._finish_unstarted(handle, time.perf_counter(), reason)
                 continue
             if isinstance(handle, Scoring):
-                self._prefilling.append(_ScoreJob(handle, self.vocab.encode(handle.request.text).to(self.device)[None]))
+                self._prefilling.append(_ScoreJob(self._encode(handle.request.text), scoring=handle))
                 continue
             assert isinstance(handle, Generation)
             seed = handle.request.seed
-            job = _Prefill(handle, self.vocab.encode(seed).to(self.device)[None])
+            job = _Prefill(self._encode(seed), gen=handle)
             if self._decoder.row_invariant and job.ids.size(1) <= SHORT_SEED:
                 short.append(job)
             elif leader := self._prefilling_seed(seed):
@@ -714,6 +374,10 @@ class Engine:
             else:
                 self._prefilling.append(job)
         return short
+
+    def _encode(self, text: str) -> torch.Tensor:
+        """`text` as a batch of one row of ids on the model's device, as nn.LSTM takes it."""
+        return self.vocab.encode(text).to(self.device)[None]
 
     def _prefilling_seed(self, seed: str) -> _Prefill | None:
         """The long-seed job already running this seed, if any."""
@@ -780,30 +444,19 @@ class Engine:
         logits, job.state, _ = self.model(chunk, job.state)
         n = chunk.size(1)
         targets = job.ids[0, job.pos + 1 : job.pos + 1 + n].tolist()
-        logp = logits[0].double().log_softmax(-1)
         if job.pos == 0:
             job.per_char.append(CharLogprob(self.vocab.chars[int(job.ids[0, 0])], None))
-        job.per_char += _char_logprobs(logp, targets, [job.scoring.request.top_k] * n, self.vocab.chars)
+        job.per_char += scored_logprobs(logits[0], targets, job.scoring.request.top_k, self.vocab.chars)
         job.pos += n
         job.seconds += time.perf_counter() - started
         if job.pos < predicted:
             self._prefilling.rotate(-1)  # round robin with long seeds and other texts
             return n
         self._prefilling.popleft()
-        total = math.fsum(entry.logprob for entry in job.per_char[1:] if entry.logprob is not None)
         scoring = job.scoring
         self._count("scored")
-        scoring._finish(
-            ScoreResult(
-                text=scoring.request.text,
-                chars=predicted,
-                logprob=total,
-                bits_per_char=-total / predicted / math.log(2),
-                per_char=job.per_char,
-                queue_ms=round((job.admitted - scoring.submitted) * 1e3, 3),
-                score_ms=round(job.seconds * 1e3, 3),
-            )
-        )
+        queue_s = job.admitted - scoring.submitted
+        scoring._finish(ScoreResult.from_per_char(scoring.request.text, job.per_char, queue_s, job.seconds))
         return n
 
     def _start_rows(self, jobs: list[_Prefill], logits: torch.Tensor, place: Callable[[int, int], None]) -> None:
@@ -817,7 +470,8 @@ class Engine:
             params = req.sampling
             rows.append(_Row(job.gen, RowSampler(params, job.gen.random_seed), 0, admitted=job.admitted,
                              logprobs=[] if req.logprobs is not None else None, scale=params.sampler_scale,
-                             top_k=params.top_k_for(self._vocab_size), top_p=params.top_p_or_off))
+                             top_k=params.top_k_for(self._vocab_size), top_p=params.top_p_or_off,
+                             stops=StopStrings(req.stop) if req.stop else None))
         sampling = time.perf_counter()
         tokens = self._sample(rows, logits).tolist()
         self._attach_logprobs(rows, logits, tokens)
@@ -858,21 +512,9 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """One id per row, each drawn with that row's settings and its own random stream."""
-        scale = [r.scale for r in rows]
-        top_k = [r.top_k for r in rows]
-        top_p = [r.top_p for r in rows]
+        scale, top_k, top_p = [r.scale for r in rows], [r.top_k for r in rows], [r.top_p for r in rows]
         uniforms = [r.sampler.uniform() for r in rows]
-        kernels = self._decoder.kernels
-        if kernels is not None:
-            return kernels.sample(logits.float().contiguous(), scale, top_k, top_p, uniforms, self._sampled)
-        dev = logits.device
-        return sample_rows(
-            logits,
-            torch.tensor(scale, device=dev),
-            torch.tensor(top_k, device=dev),
-            torch.tensor(top_p, device=dev),
-            torch.tensor(uniforms, dtype=torch.float64),
-        )
+        return sample_batch(logits, scale, top_k, top_p, uniforms, self._decoder.kernels, self._sampled)
 
     def _attach_logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int]) -> None:
         """Give each row that asked for log-probabilities the entry of the character it just sampled.
@@ -880,18 +522,18 @@ class Engine:
         asking = [i for i, row in enumerate(rows) if row.logprobs is not None]
         if not asking:
             return
-        index = torch.tensor(asking, device=logits.device)
-        logp = logits.index_select(0, index).double().log_softmax(-1)  # a copy: the native buffer is reused
         tops = [rows[i].gen.request.logprobs or 0 for i in asking]
-        entries = _char_logprobs(logp, [tokens[i] for i in asking], tops, self.vocab.chars)
+        entries = sampled_logprobs(logits, asking, [tokens[i] for i in asking], tops, self.vocab.chars)
         for i, entry in zip(asking, entries):
             rows[i].pending = entry
 
     def _step(self) -> None:
         n = len(self._rows)
-        self.stats.steps += 1
-        self.stats.batch_rows += n
         try:
+            if self.hooks.before_step is not None:
+                self.hooks.before_step()
+            self.stats.steps += 1
+            self.stats.batch_rows += n
             logits = self._decoder.step(n)
             ids = self._sample(self._rows, logits)
             self._decoder.tokens[:n].copy_(ids)
@@ -926,7 +568,9 @@ class Engine:
 
     def _advance(self, row: _Row) -> bool:
         """Record the row's newly sampled token; finish the request if it is done. True = retire."""
-        gen, req = row.gen, row.gen.request
+        gen = row.gen
+        if self._on_char is not None:
+            self._on_char(gen, len(row.generated))
         if reason := gen.ended_early():
             return self._finish(row, reason)
         row.generated.append(self.vocab.chars[row.token])
@@ -934,16 +578,16 @@ class Engine:
             assert row.pending is not None, "a row that asks for logprobs got no entry for its character"
             row.logprobs.append(row.pending)
             row.pending = None
-        text = "".join(row.generated[-self.limits.max_stop_chars :]) if req.stop else ""
-        for s in req.stop:
-            if text.endswith(s):
-                del row.generated[len(row.generated) - len(s) :]
+        held = 0
+        if row.stops is not None:
+            cut, held = row.stops.check(row.generated)
+            if cut:
+                del row.generated[len(row.generated) - cut :]
                 if row.logprobs is not None:
                     del row.logprobs[len(row.generated) :]
                 return self._finish(row, "stop")
-        if len(row.generated) >= req.length:
+        if len(row.generated) >= gen.request.length:
             return self._finish(row, "length")
-        held = _held_back(text, req.stop)
         upto = len(row.generated) - held
         if upto > row.emitted:
             if row.logprobs is None:  # the common case, inline: this runs for every character
@@ -966,54 +610,7 @@ class Engine:
         generated = "".join(row.generated)
         decode_s = now - row.decode_start if row.decode_start else 0.0
         self._count({"cancelled": "cancelled", "timeout": "timeouts"}.get(reason, "completed"))
-        gen._finish(
-            GenerationResult(
-                text=gen.request.seed + generated,
-                generated=generated,
-                finish_reason=reason,
-                random_seed=gen.random_seed,
-                usage=Usage(seed_chars=len(gen.request.seed), generated_chars=len(generated)),
-                timings=Timings(
-                    queue_ms=round((row.admitted - gen.submitted) * 1e3, 3),
-                    prefill_ms=round(row.prefill_s * 1e3, 3),
-                    generate_ms=round(decode_s * 1e3, 3),
-                    chars_per_s=round(len(generated) / decode_s, 1) if decode_s > 0 else 0.0,
-                ),
-                logprobs=row.logprobs,
-            )
-        )
+        timings = Timings.from_seconds(row.admitted - gen.submitted, row.prefill_s, decode_s, len(generated))
+        result = GenerationResult.for_request(gen.request, generated, reason, gen.random_seed, timings, row.logprobs)
+        gen._finish(result)
         return True
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    """The caller's event loop, to wake it from the worker; None for a caller outside asyncio."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _char_logprobs(logp: torch.Tensor, chosen: list[int], tops: list[int], chars: tuple[str, ...]) -> list[CharLogprob]:
-    """Row r of `logp` (rows, vocab; log-probabilities) as the CharLogprob of character chosen[r], with
-    its tops[r] most likely alternatives (a stable sort: ties go to the lowest id, as in sampling)."""
-    picked = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
-    k = max(tops, default=0)
-    if not k:
-        return [CharLogprob(chars[c], lp) for c, lp in zip(chosen, picked)]
-    values, ids = logp.sort(dim=1, descending=True, stable=True)
-    top_values, top_ids = values[:, :k].tolist(), ids[:, :k].tolist()
-    return [
-        CharLogprob(chars[c], lp, tuple((chars[t], v) for t, v in zip(t_ids[:kr], t_vals[:kr])))
-        for c, lp, kr, t_ids, t_vals in zip(chosen, picked, tops, top_ids, top_values)
-    ]
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might begin a stop string, and so must not be streamed yet."""
-    held = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:n]):
-                held = n
-                break
-    return held

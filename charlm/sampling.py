@@ -9,13 +9,18 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # only the type: importing sampling must not load the engine's kernels
+    from charlm.native import Kernels
 
 __all__ = [
     "SamplingParams",
     "InvalidParameter",
     "RowSampler",
+    "sample_batch",
     "sample_rows",
     "new_random_seed",
     "MAX_RANDOM_SEED",
@@ -134,3 +139,32 @@ def sample_rows(
     target = uniforms.double()[:, None].to(z.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True).clamp_(max=z.size(1) - 1)
     return order.gather(1, choice).squeeze(1)
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    scale: list[float],
+    top_k: list[int],
+    top_p: list[float],
+    uniforms: list[float],
+    kernels: Kernels | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One id per row of `logits` (rows, vocab), each row with its own settings (as SamplingParams'
+    sampler_scale, top_k_for and top_p_or_off give them) and its own uniform draw in [0, 1).
+
+    With `kernels`, the native sampler draws them into `out` (a long tensor of at least `rows` rows,
+    overwritten by the next call); without, sample_rows does. Both draw the same ids.
+    """
+    if kernels is not None:
+        if out is None:
+            raise ValueError("the native sampler needs an `out` buffer")
+        return kernels.sample(logits.float().contiguous(), scale, top_k, top_p, uniforms, out)
+    dev = logits.device
+    return sample_rows(
+        logits,
+        torch.tensor(scale, device=dev),
+        torch.tensor(top_k, device=dev),
+        torch.tensor(top_p, device=dev),
+        torch.tensor(uniforms, dtype=torch.float64),
+    )

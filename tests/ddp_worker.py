@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from charlm.train import TrainConfig, train
+from charlm.train import train
+from charlm.train_config import TrainConfig
 
 STOP = (signal.SIGINT, signal.SIGTERM)
 

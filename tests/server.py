@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,12 +66,22 @@ class Server:
 
 @contextmanager
 def running_server(checkpoint: Path, **env: str) -> Iterator[Server]:
+    """The service on a free port, with CHARLM_* settings from `env`."""
+    with server_process(checkpoint, env) as server:
+        yield server
+
+
+@contextmanager
+def server_process(checkpoint: Path, env: dict[str, str], preexec: Callable[[], None] | None = None
+                   ) -> Iterator[Server]:
+    """running_server, with `preexec` run in the child before the server starts (to set its limits)."""
     port = free_port()
     environment = {**os.environ, "CHARLM_CHECKPOINT": str(checkpoint), "CHARLM_DEVICE": "cpu",
                    "CHARLM_HOST": "127.0.0.1", "CHARLM_PORT": str(port), "CHARLM_THREADS": "1", **env}
     log = Path(tempfile.mkdtemp(prefix="charlm-server-")) / "server.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(dockerfile_cmd(), env=environment, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(dockerfile_cmd(), env=environment, stdout=sink, stderr=subprocess.STDOUT,
+                                   preexec_fn=preexec)
     server = Server(process, port, log)
     try:
         server.wait_ready()

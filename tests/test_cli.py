@@ -9,17 +9,21 @@ import subprocess
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import save
 
+import charlm
 from charlm import cli
 from charlm.checkpoint import CheckpointError, load_checkpoint
 from charlm.cli import main
-from charlm.engine import DEFAULT_LENGTH, RequestError
-from charlm.exit_codes import exit_code, one_line
-from charlm.model import ModelConfig
-from charlm.train import TrainConfig
+from charlm.exit_codes import exit_code
+from charlm.inputs import one_line
+from charlm.model import CharLSTM, ModelConfig
+from charlm.request import DEFAULT_LENGTH, RequestError
+from charlm.train_config import TrainConfig
 from tests.conftest import make_corpus
 
 SMALL = ["--layers", "1", "--hidden", "16", "--embed", "8", "--seq-len", "16", "--batch-size", "4", "--device", "cpu"]
@@ -128,6 +132,45 @@ def test_errors_exit_with_one_clear_line(args: list[str], code: int, message: st
     got, _, err = run(argv, capsys)
     assert got == code, err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flag, value, limit",
+    [
+        ("--scale-factor", "1e9", "<= 10000"), ("--scale-factor", "0", "> 0"), ("--scale-factor", "nan", "finite"),
+        ("--top-k", "0", "between 1 and 1114112"), ("--top-k", str(2**40), "between 1 and 1114112"),
+        ("--top-p", "1.5", "(0, 1]"),
+    ],
+)
+def test_generate_sampling_limits_are_the_librarys(flag: str, value: str, limit: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """SamplingParams (charlm/sampling.py) checks the sampling flags, before the checkpoint is even read."""
+    code, _, err = run(["generate", "--checkpoint", str(tmp_path / "none.safetensors"), "--seed", "The", flag, value,
+                        "--device", "cpu"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"charlm generate: error: argument {flag}: must be ") and limit in lines[0]
+
+
+def test_a_device_out_of_memory_is_not_reported_as_a_damaged_checkpoint(
+    tiny_checkpoint_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only reading the file is guarded (a crash there means a damaged file); moving the model onto the device
+    comes after, so CUDA running out of memory propagates as itself."""
+    real_to = torch.nn.Module.to
+
+    def to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(CharLSTM, "to", to)
+    monkeypatch.setattr("charlm.device.resolve_device", lambda device: torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        charlm.load(str(tiny_checkpoint_path), "cuda")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # a failure of this machine: not exit 1
+        main(["generate", "--checkpoint", str(tiny_checkpoint_path), "--seed", "The", "--device", "cuda"])
+    assert "cannot read" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", ["charlm.cli", "charlm"])

@@ -22,7 +22,8 @@ from charlm import generate, load
 from charlm.checkpoint import read_safetensors
 from charlm.cli import main
 from charlm.distributed import StopSignals, World
-from charlm.train import ResumeError, TrainConfig, TrainConfigError, _Trainer, train
+from charlm.train import ResumeError, _Trainer, train
+from charlm.train_config import TrainConfig, TrainConfigError
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,12 @@ import torch
 from charlm import native
 from charlm.checkpoint import Checkpoint
 from charlm.decoder import Decoder
-from charlm.engine import (
-    Engine,
+from charlm.engine import Engine, EngineHooks
+from charlm.handles import Generation
+from charlm.model import CharLSTM, ModelConfig
+from charlm.request import (
     EngineClosedError,
     EngineLimits,
-    Generation,
     GenerationFailed,
     GenerationRequest,
     QueueFullError,
@@ -22,16 +23,20 @@ from charlm.engine import (
     ScoreRequest,
     ScoringStopped,
 )
-from charlm.model import CharLSTM, ModelConfig
 from charlm.sampling import MAX_SCALE_FACTOR, MAX_TOP_K, InvalidParameter, SamplingParams
 
 # Longer than any test waits for on any machine: work that ends only when the test ends it.
 ENDLESS = 10**9
 
 
+def engine_with(tiny: Checkpoint, hooks: EngineHooks | None = None) -> Engine:
+    """The `engine` fixture's engine, with `hooks`."""
+    return Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=64, max_queue=256), hooks=hooks)
+
+
 @pytest.fixture()
 def engine(tiny: Checkpoint):
-    with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=64, max_queue=256)) as eng:
+    with engine_with(tiny) as eng:
         yield eng
 
 
@@ -43,18 +48,26 @@ def hold_the_row(engine: Engine) -> Generation:
     return running
 
 
-def pace_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> threading.Semaphore:
-    """Let the worker take a decode step only for each release of the returned semaphore (one step of
-    slack), so a reader that releases one per chunk sees the text in many pieces however fast the machine
-    decodes."""
-    steps, step = threading.Semaphore(1), engine._step
+class Pacer:
+    """Engine hooks that let the worker take a decode step only for each `release()` (one step of slack),
+    so a reader that releases one per chunk sees the text in many pieces however fast the machine
+    decodes; after `stop()` the worker runs freely again."""
 
-    def paced_step() -> None:
-        steps.acquire()
-        step()
+    def __init__(self) -> None:
+        self._steps = threading.Semaphore(1)
+        self._paced = True
+        self.hooks = EngineHooks(before_step=self._before_step)
 
-    monkeypatch.setattr(engine, "_step", paced_step)
-    return steps
+    def _before_step(self) -> None:
+        if self._paced:
+            self._steps.acquire()
+
+    def release(self) -> None:
+        self._steps.release()
+
+    def stop(self) -> None:
+        self._paced = False
+        self._steps.release()  # a worker waiting for its next step goes on
 
 
 def count_model_calls(engine: Engine) -> list[int]:
@@ -214,20 +227,23 @@ def test_stop_string_ends_at_first_match(engine: Engine) -> None:
     assert result.usage.generated_chars == first
 
 
-def test_streaming_yields_the_generated_text(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    steps = pace_steps(engine, monkeypatch)
-    gen = engine.submit(GenerationRequest("The ", length=120, random_seed=3))
-    chunks = []
-    for chunk in gen:
-        chunks.append(chunk)
-        steps.release()
+def test_streaming_yields_the_generated_text(tiny: Checkpoint) -> None:
+    pacer = Pacer()
+    with engine_with(tiny, pacer.hooks) as engine:
+        gen = engine.submit(GenerationRequest("The ", length=120, random_seed=3))
+        chunks = []
+        for chunk in gen:
+            chunks.append(chunk)
+            pacer.release()
     assert len(chunks) > 10 and "".join(chunks) == gen.result().generated
     timings = gen.result().timings
     assert timings.generate_ms > 0 and timings.chars_per_s > 0 and timings.queue_ms >= 0
 
 
-def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def consume() -> tuple[list[str], str, int, int, list[str]]:
+def test_async_consumers_streamed_per_chunk_awaited_once(tiny: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    pacer = Pacer()
+
+    async def consume(engine: Engine) -> tuple[list[str], str, int, int, list[str]]:
         loop = asyncio.get_running_loop()
         wakeups = 0
         schedule = loop.call_soon_threadsafe
@@ -238,14 +254,12 @@ def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeyp
             return schedule(*args, **kwargs)
 
         monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
-        step = engine._step
-        steps = pace_steps(engine, monkeypatch)
         streamed = engine.submit(GenerationRequest("The ", length=200, random_seed=4))
         chunks = []
         async for chunk in streamed:
             chunks.append(chunk)
-            steps.release()
-        monkeypatch.setattr(engine, "_step", step)
+            pacer.release()
+        pacer.stop()
         streamed_wakeups, wakeups = wakeups, 0
         awaited = await engine.submit(GenerationRequest("The ", length=200, random_seed=4)).wait()
         awaited_wakeups = wakeups
@@ -255,7 +269,8 @@ def test_async_consumers_streamed_per_chunk_awaited_once(engine: Engine, monkeyp
         late_chunks = [chunk async for chunk in late]
         return chunks, awaited.generated, streamed_wakeups, awaited_wakeups, late_chunks
 
-    chunks, text, streamed_wakeups, awaited_wakeups, late_chunks = asyncio.run(consume())
+    with engine_with(tiny, pacer.hooks) as engine:
+        chunks, text, streamed_wakeups, awaited_wakeups, late_chunks = asyncio.run(consume(engine))
     assert "".join(chunks) == text and len(chunks) >= 100  # about one piece per step
     assert 1 < streamed_wakeups <= len(chunks) + 2  # at most one wakeup per look, plus the finish
     assert awaited_wakeups == 1  # the finish only: an awaiting handler is not woken per character
@@ -391,25 +406,23 @@ def test_unknown_seed_characters_are_named(engine: Engine) -> None:
     assert info.value.chars == ["¥", "€"]
 
 
-def test_one_failing_request_does_not_disturb_the_others(tiny: Checkpoint, engine: Engine, monkeypatch) -> None:
+def test_one_failing_request_does_not_disturb_the_others(tiny: Checkpoint) -> None:
     requests = [GenerationRequest("The ", length=200, random_seed=s) for s in range(6)]
     expected = [solo(tiny, r) for r in requests]
-    original = Engine._advance
 
-    def flaky(self: Engine, row):  # a bug that hits one row only
-        if row.gen.random_seed == 3 and len(row.generated) == 50:
+    def flaky(gen: Generation, position: int) -> None:  # a bug that hits one row only
+        if gen.random_seed == 3 and position == 50:
             raise ZeroDivisionError("boom")
-        return original(self, row)
 
-    monkeypatch.setattr(Engine, "_advance", flaky)
-    gens = [engine.submit(r) for r in requests]
-    for i, gen in enumerate(gens):
-        if i == 3:
-            with pytest.raises(GenerationFailed, match="boom"):
-                gen.result(timeout=30)
-        else:
-            assert gen.result(timeout=30).text == expected[i]
-    assert engine.generate(GenerationRequest("The ", length=20)).finish_reason == "length"
+    with engine_with(tiny, EngineHooks(on_char=flaky)) as engine:
+        gens = [engine.submit(r) for r in requests]
+        for i, gen in enumerate(gens):
+            if i == 3:
+                with pytest.raises(GenerationFailed, match="boom"):
+                    gen.result(timeout=30)
+            else:
+                assert gen.result(timeout=30).text == expected[i]
+        assert engine.generate(GenerationRequest("The ", length=20)).finish_reason == "length"
 
 
 def rss_bytes() -> int:
@@ -437,18 +450,15 @@ def test_close_lets_in_flight_work_finish_within_the_grace(tiny: Checkpoint) -> 
     assert not eng._thread.is_alive()
 
 
-def test_close_waits_for_a_job_between_the_queue_and_its_row(tiny: Checkpoint,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_close_waits_for_a_job_between_the_queue_and_its_row(tiny: Checkpoint) -> None:
     in_transit, release = threading.Event(), threading.Event()
-    original = Engine._prefill_short
 
-    def held(self: Engine, jobs: Any) -> Any:  # the worker has taken the job off the queue, no row yet
-        in_transit.set()
-        release.wait()
-        return original(self, jobs)
+    def held(gen: Generation, position: int) -> None:
+        if position == 0:  # its first character: the worker has taken the job off the queue, no row yet
+            in_transit.set()
+            release.wait()
 
-    monkeypatch.setattr(Engine, "_prefill_short", held)
-    eng = Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=2))
+    eng = Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=2), hooks=EngineHooks(on_char=held))
     gen = eng.submit(GenerationRequest("The ", length=20, random_seed=1))
     assert in_transit.wait(timeout=60)
     closer = threading.Thread(target=eng.close, kwargs={"grace": 600})
@@ -551,16 +561,16 @@ def test_logprobs_are_the_models_and_do_not_change_the_text(tiny: Checkpoint, us
 
 
 def test_logprobs_are_computed_only_for_rows_that_ask(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    import charlm.engine as engine_module
+    import charlm.logprobs as logprobs_module
 
     rows_scored: list[int] = []
-    original = engine_module._char_logprobs
+    original = logprobs_module.char_logprobs
 
     def spy(logp: torch.Tensor, *args: Any) -> Any:
         rows_scored.append(logp.size(0))
         return original(logp, *args)
 
-    monkeypatch.setattr(engine_module, "_char_logprobs", spy)
+    monkeypatch.setattr(logprobs_module, "char_logprobs", spy)
     plain = [engine.submit(GenerationRequest("The ", length=80, random_seed=s)) for s in range(8)]
     assert all(g.result(timeout=60).logprobs is None for g in plain)
     assert rows_scored == []  # no softmax, no sort, not even a call, while nobody asks

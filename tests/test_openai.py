@@ -13,9 +13,10 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from charlm.checkpoint import Checkpoint
-from charlm.engine import GenerationRequest
+from charlm.engine import EngineHooks
+from charlm.request import GenerationRequest
 from tests.test_engine import ENDLESS, greedy, hold_the_row
-from tests.test_service import settings_for
+from tests.test_service import explode_seed_99, settings_for
 
 MODEL = "tiny"  # the served id: the checkpoint file's stem
 
@@ -346,26 +347,17 @@ def test_requests_are_counted_by_route(client: TestClient) -> None:
     assert 'charlm_http_requests_total{route="/v1/completions",status="200"}' in text
 
 
-def test_a_failure_mid_stream_is_an_error_event_and_the_end(client: TestClient, monkeypatch: pytest.MonkeyPatch
-                                                             ) -> None:
-    from charlm.engine import Engine
-
-    original = Engine._advance
-
-    def flaky(self: Engine, row: Any) -> Any:
-        if row.gen.random_seed == 99 and len(row.generated) == 20:
-            raise RuntimeError("row exploded")
-        return original(self, row)
-
-    monkeypatch.setattr(Engine, "_advance", flaky)
-    request = {"model": MODEL, "prompt": "The ", "max_tokens": 100, "seed": 99, "stream": True}
-    with client.stream("POST", "/v1/completions", json=request) as r:
-        events = [block.removeprefix("data: ") for block in r.read().decode().strip().split("\n\n")]
-    last = json.loads(events[-1])
-    assert set(last) == {"error"} and "row exploded" in last["error"]["message"]
-    assert last["error"]["type"] == "server_error" and "[DONE]" not in events
-    r = client.post("/v1/completions", json={**request, "stream": False})
-    assert_openai_error(r, 500)
-    assert "row exploded" in r.json()["error"]["message"]
-    monkeypatch.undo()
-    assert complete(client, prompt="The ", max_tokens=10)["choices"][0]["finish_reason"] == "length"
+def test_a_failure_mid_stream_is_an_error_event_and_the_end(tiny_checkpoint_path: Path) -> None:
+    settings = settings_for(tiny_checkpoint_path, max_length=800, max_batch=16)
+    with TestClient(create_app(settings, engine_hooks=EngineHooks(on_char=explode_seed_99))) as client:
+        request = {"model": MODEL, "prompt": "The ", "max_tokens": 100, "seed": 99, "stream": True}
+        with client.stream("POST", "/v1/completions", json=request) as r:
+            events = [block.removeprefix("data: ") for block in r.read().decode().strip().split("\n\n")]
+        last = json.loads(events[-1])
+        assert set(last) == {"error"} and "row exploded" in last["error"]["message"]
+        assert last["error"]["type"] == "server_error" and "[DONE]" not in events
+        r = client.post("/v1/completions", json={**request, "stream": False})
+        assert_openai_error(r, 500)
+        assert "row exploded" in r.json()["error"]["message"]
+        # The fault hits only random_seed 99: every other request is served as before.
+        assert complete(client, prompt="The ", max_tokens=10)["choices"][0]["finish_reason"] == "length"

@@ -130,13 +130,27 @@ def test_idle_and_slow_connections_are_closed(tiny_checkpoint_path: Path) -> Non
         assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
-def test_connections_beyond_the_limit_are_refused(tiny_checkpoint_path: Path) -> None:
-    with running_server(tiny_checkpoint_path, CHARLM_LIMIT_CONCURRENCY="4") as server:
-        host, port = server.url.removeprefix("http://").split(":")
-        idle = [socket.create_connection((host, int(port))) for _ in range(4)]
-        while httpx.get(f"{server.url}/health", timeout=30).status_code != 503:  # once all four are accepted
-            time.sleep(0.01)
-        for sock in idle:
+def closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
+def test_connections_beyond_the_limit_are_refused_while_all_are_busy(tiny_checkpoint_path: Path) -> None:
+    env = {"CHARLM_LIMIT_CONCURRENCY": "4", "CHARLM_MAX_LENGTH": ENDLESS}
+    with running_server(tiny_checkpoint_path, **env) as server:
+        def endless() -> socket.socket:
+            return start_request(server, "/generate", {"seed": "The ", "length": int(ENDLESS)})
+
+        busy = [endless() for _ in range(3)]  # with the probe's own, the limit of 4 connections
+        while httpx.get(f"{server.url}/health", timeout=30).status_code != 503:
+            # A connection whose request had not been read yet was idle, and made room for the probe.
+            busy = [endless() if closed_by_server(sock) else sock for sock in busy]
+        for sock in busy:
             sock.close()
         while httpx.get(f"{server.url}/health", timeout=30).status_code != 200:
             time.sleep(0.01)

@@ -103,7 +103,7 @@ def test_score_needs_the_api_key_when_one_is_set(tiny_checkpoint_path: Path) -> 
 def test_a_long_score_shares_the_engine_with_generation(client: TestClient) -> None:
     text = make_corpus(200, seed=3)[:5000]
     engine = client.app.state.engine  # type: ignore[attr-defined]
-    from charlm.engine import GenerationRequest, ScoreRequest
+    from charlm.request import GenerationRequest, ScoreRequest
 
     scoring = engine.score(ScoreRequest(text))
     short = engine.submit(GenerationRequest("The ", length=5, random_seed=1))

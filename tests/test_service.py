@@ -8,7 +8,6 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +17,9 @@ from app.main import create_app
 from app.routes import generate as generate_routes
 from app.settings import Settings
 from charlm import native
-from charlm.engine import GenerationRequest
+from charlm.engine import EngineHooks
+from charlm.handles import Generation
+from charlm.request import GenerationRequest
 from tests.test_engine import ENDLESS, hold_the_row
 
 
@@ -332,19 +333,18 @@ def test_missing_checkpoint_stops_startup(tmp_path: Path) -> None:
         pass
 
 
-def test_stream_reports_a_mid_stream_failure_as_an_error_event(client: TestClient, monkeypatch) -> None:
-    from charlm.engine import Engine
+def explode_seed_99(gen: Generation, position: int) -> None:
+    """An engine hook: a bug that hits one request mid-stream (random_seed 99, after 20 characters)."""
+    if gen.random_seed == 99 and position == 20:
+        raise RuntimeError("row exploded")
 
-    original = Engine._advance
 
-    def flaky(self: Engine, row: Any) -> Any:
-        if row.gen.random_seed == 99 and len(row.generated) == 20:
-            raise RuntimeError("row exploded")
-        return original(self, row)
-
-    monkeypatch.setattr(Engine, "_advance", flaky)
-    with client.stream("POST", "/generate/stream", json={"seed": "The ", "length": 100, "random_seed": 99}) as r:
-        events = parse_sse(r.read().decode())
-    assert [k for k, _ in events][-1] == "error" and events[0][0] == "text"
-    assert "row exploded" in events[-1][1]["error"]["message"]
-    assert client.post("/generate", json={"seed": "The ", "length": 10}).status_code == 200
+def test_stream_reports_a_mid_stream_failure_as_an_error_event(tiny_checkpoint_path: Path) -> None:
+    app = create_app(settings_for(tiny_checkpoint_path, max_length=800),
+                     engine_hooks=EngineHooks(on_char=explode_seed_99))
+    with TestClient(app) as client:
+        with client.stream("POST", "/generate/stream", json={"seed": "The ", "length": 100, "random_seed": 99}) as r:
+            events = parse_sse(r.read().decode())
+        assert [k for k, _ in events][-1] == "error" and events[0][0] == "text"
+        assert "row exploded" in events[-1][1]["error"]["message"]
+        assert client.post("/generate", json={"seed": "The ", "length": 10}).status_code == 200

@@ -11,15 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save
 
 import charlm.device
 import charlm.train
 from charlm.checkpoint import Checkpoint, load_checkpoint, read_safetensors
 from charlm.corpus_source import fetch_corpus
 from charlm.device import resolve_device
+from charlm.evaluate import evaluate
 from charlm.model import ModelConfig
 from charlm.text import load_corpus, split_text
-from charlm.train import ResumeError, TrainConfig, TrainConfigError, _Trainer, evaluate, train
+from charlm.train import ResumeError, TrainState, _Trainer, train
+from charlm.train_config import TrainConfig, TrainConfigError
 from tests.conftest import make_corpus, tiny_config
 
 
@@ -103,6 +106,34 @@ def test_resume_refuses_another_corpus_or_architecture(corpus_path: Path, tmp_pa
         train(tiny_config(corpus_path, out, steps=20, eval_interval=10, hidden=24, resume=True))
 
 
+STATE_KEYS = {"step", "epoch", "window", "seconds", "chars", "best_val_bpc", "best_step", "evaluated_step",
+              "init_from", "corpus_sha256", "model", "batch_size", "seq_len", "world_size", "param_groups"}
+
+
+def test_old_state_files_resume_as_todays_do(corpus_path: Path, tmp_path: Path) -> None:
+    """The state file's JSON keeps its keys; a file from before torchrun (one process: no world_size, rng.cpu
+    one unbatched row) and before evaluated_step and init_from resumes exactly as today's file does."""
+    new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    train(tiny_config(corpus_path, new, steps=10, eval_interval=5, dropout=0.1))
+    tensors, meta = read_safetensors(new.with_suffix(".state.safetensors"))
+    info = json.loads(meta["charlm.state"])
+    assert set(info) == STATE_KEYS
+    assert TrainState.from_dict(info).to_dict() == {k: info[k] for k in (f.name for f in fields(TrainState))}
+    for key in ("world_size", "evaluated_step", "init_from"):
+        del info[key]
+    tensors["rng.cpu"] = tensors["rng.cpu"][0].contiguous()
+    old.with_suffix(".state.safetensors").write_bytes(save(tensors, metadata={"charlm.state": json.dumps(info)}))
+    assert TrainState.from_dict(info) == TrainState(step=10, epoch=info["epoch"], window=info["window"],
+                                                    seconds=info["seconds"], chars=info["chars"],
+                                                    best_val_bpc=info["best_val_bpc"], best_step=info["best_step"])
+    results = [train(tiny_config(corpus_path, out, steps=20, eval_interval=5, dropout=0.1, resume=True))
+               for out in (new, old)]
+    assert [r.step for r in results] == [20, 20] and results[0].best_val_bpc == results[1].best_val_bpc
+    a, b = (read_safetensors(out.with_suffix(".state.safetensors"))[0] for out in (new, old))
+    assert all(torch.equal(a[name], b[name]) for name in a if name.startswith("model."))
+    assert set(json.loads(read_safetensors(old.with_suffix(".state.safetensors"))[1]["charlm.state"])) == STATE_KEYS
+
+
 def test_init_from_starts_at_the_checkpoint_and_records_it(
     tiny_checkpoint_path: Path, tiny: Checkpoint, corpus_path: Path, tmp_path: Path
 ) -> None:
@@ -141,7 +172,7 @@ def test_init_from_across_vocabularies_keeps_the_shared_rows(tiny: Checkpoint, t
     fresh = {new.encode(c).item() for c in added}
     assert all(not torch.equal(ours["fc.weight"][j], torch.zeros_like(ours["fc.weight"][j])) for j in fresh)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith("lstm."))
-    assert trainer.info["init_from"]["vocabulary"]["added"] == added
+    assert trainer.state.init_from is not None and trainer.state.init_from["vocabulary"]["added"] == added
     result = trainer.run()  # and it trains and records where its vocabulary came from
     assert load_checkpoint(out).train["init_from"]["vocabulary"]["kept"] == len(old)
     assert result.step == 1

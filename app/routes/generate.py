@@ -8,19 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.sse import EventSourceResponse
 
-from app.deps import Authorized, EngineDep, cancel_on_disconnect
-from app.errors import SHUT_DOWN, ApiError, queue_refusal, request_error_detail, shut_down_error
+from app.auth import Authorized
+from app.deps import EngineDep, cancel_on_disconnect
+from app.errors import SHUT_DOWN, ApiError, refusal, shut_down_error
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
-from charlm.engine import (
-    EngineClosedError,
-    Generation,
-    GenerationFailed,
-    GenerationRequest,
-    GenerationResult,
-    QueueFullError,
-)
+from app.sse import ServerSentEvent, sse_content, sse_response
+from charlm.handles import Generation
+from charlm.request import EngineClosedError, GenerationFailed, GenerationRequest, GenerationResult, QueueFullError
 from charlm.sampling import InvalidParameter, SamplingParams
 
 router = APIRouter(tags=["generate"], dependencies=[Authorized], responses=ERROR_RESPONSES)
@@ -37,15 +33,11 @@ async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) 
                 timeout=request.app.state.settings.request_timeout,
             )
         )
-    except InvalidParameter as exc:
-        metrics.rejections.labels("invalid").inc()
-        raise ApiError(422, f"invalid request: {exc.field}", [request_error_detail(exc)]) from None
-    except (QueueFullError, EngineClosedError) as exc:
-        raise queue_refusal(exc, request) from None
+    except (InvalidParameter, QueueFullError, EngineClosedError) as exc:
+        raise refusal(exc, metrics) from None
 
 
 Submitted = Annotated[Generation, Depends(submitted)]
-
 
 
 def _record(request: Request, result: GenerationResult) -> None:
@@ -71,10 +63,23 @@ async def generate(request: Request, gen: Submitted) -> GenerateResponse:
     return GenerateResponse.model_validate(result, from_attributes=True)
 
 
-@router.post("/generate/stream", response_class=EventSourceResponse, summary="Continue a seed text, streamed")
-async def generate_stream(request: Request, gen: Submitted) -> AsyncIterator[ServerSentEvent]:
+STREAM_EXAMPLE = (
+    'event: text\ndata: {"text": "T"}\n\nevent: text\ndata: {"text": "he engineer"}\n\n'
+    'event: done\ndata: {"finish_reason": "length", "random_seed": 1, "usage": {...}, "timings": {...}}\n\n'
+)
+
+
+@router.post("/generate/stream", summary="Continue a seed text, streamed", responses={200: {
+    "description": "Server-Sent Events: `text` events, then `done` (or `error`)",
+    "content": sse_content(STREAM_EXAMPLE),
+}})
+async def generate_stream(request: Request, gen: Submitted) -> EventSourceResponse:
     """Server-Sent Events: `text` events as characters are sampled, then one `done` event
     (finish_reason, random_seed, usage, timings), or an `error` event if generation fails."""
+    return sse_response(_events(request, gen))
+
+
+async def _events(request: Request, gen: Generation) -> AsyncIterator[ServerSentEvent]:
     # At most one text event per interval: the first character goes out at once, later ones in
     # pieces (smooth to a reader) instead of an event, a write and a wakeup per character, which
     # held 64 streams to ~2,000 characters/s in all.

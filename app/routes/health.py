@@ -6,11 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.deps import Authorized, not_ready_reason
+from app.auth import Authorized
+from app.deps import not_ready_reason
 from app.errors import error_response
 from app.schemas import ERROR_RESPONSES
 from charlm import __version__
-from charlm.engine import MAX_LOGPROBS
+from charlm.request import MAX_LOGPROBS
 from charlm.sampling import MAX_SCALE_FACTOR, MAX_TOP_K
 
 router = APIRouter(tags=["service"])
@@ -30,6 +31,21 @@ async def ready(request: Request) -> Any:
     return {"status": "ready"}
 
 
+def public_summary(value: Any) -> Any:
+    """The training summary as a client may see it: every corpus's name, size and checksum, and its
+    source only where that is a public address. A path says where the trainer's files lay on its
+    machine, which is nobody's business and changes from machine to machine."""
+    if isinstance(value, dict):
+        return {k: public_summary(v) for k, v in value.items() if k != "source" or _public(v)}
+    if isinstance(value, list):
+        return [public_summary(v) for v in value]
+    return value
+
+
+def _public(source: Any) -> bool:
+    return isinstance(source, str) and source.startswith(("https://", "http://"))
+
+
 @router.get("/info", dependencies=[Authorized], summary="The model card, limits, device and version",
             responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 503)})
 async def info(request: Request) -> dict[str, Any]:
@@ -45,7 +61,7 @@ async def info(request: Request) -> dict[str, Any]:
             "vocabulary": "".join(ckpt.vocab.chars),
             "vocab_size": len(ckpt.vocab),
         },
-        "training": ckpt.train,
+        "training": public_summary(ckpt.train),
         "limits": {
             "max_length": settings.max_length,
             "max_seed_chars": settings.max_seed_chars,
@@ -60,6 +76,8 @@ async def info(request: Request) -> dict[str, Any]:
             "max_top_k": MAX_TOP_K,
             "request_timeout_s": settings.request_timeout,
             "max_body_bytes": settings.max_body_bytes,
+            "body_timeout_s": settings.body_timeout,
+            "max_logprob_values": settings.max_logprob_values,
         },
         "auth_required": settings.api_key is not None,
         "device": str(state.engine.device),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import Authorized
+from app.auth import Authorized
 from app.schemas import ERROR_RESPONSES
 
 router = APIRouter(tags=["service"])

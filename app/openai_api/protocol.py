@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from charlm.engine import MAX_LOGPROBS, EngineLimits
+from charlm.request import MAX_LOGPROBS, EngineLimits
 from charlm.sampling import MAX_RANDOM_SEED
 
 _LIMITS = EngineLimits()
