@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 from dataclasses import dataclass
 
 # A release of at least this many values hands the freed memory back to the system (see _trim).
@@ -33,7 +34,7 @@ class Lease:
             self.released = True
             self.budget.held -= self.values
             if self.values >= TRIM_AFTER:
-                _trim()
+                _trim_soon()
 
 
 @dataclass
@@ -64,9 +65,21 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
-def _trim() -> None:
+_trimming = threading.Lock()
+
+
+def _trim_soon() -> None:
     """glibc keeps freed memory for reuse; after a large response has gone, give it back
-    (malloc_trim), so a replica's resident set falls again instead of staying at its peak."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    (malloc_trim), so a replica's resident set falls again instead of staying at its peak. On a
+    thread of its own: a trim walks the heap, which is no work for the event loop, and one running
+    trim is enough for any number of releases."""
+    if getattr(_LIBC, "malloc_trim", None) is not None and not _trimming.locked():
+        threading.Thread(target=_trim, name="charlm-trim", daemon=True).start()
+
+
+def _trim() -> None:
+    if _trimming.acquire(blocking=False):
+        try:
+            _LIBC.malloc_trim(0)  # type: ignore[union-attr]
+        finally:
+            _trimming.release()

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from app.budget import BudgetExhausted
 from app.metrics import Metrics
-from charlm.request import EngineClosedError, QueueFullError, RequestError
+from charlm.request import EngineClosedError, QueueFullError, RequestError, ScoringStopped
 from charlm.sampling import InvalidParameter
 
 _TYPES = {
@@ -121,9 +121,13 @@ def budget_refusal(exc: BudgetExhausted, metrics: Metrics) -> ApiError:
     return ApiError(429, str(exc), headers={"Retry-After": "1"})
 
 
-def scoring_timeout_error(field: str) -> ApiError:
-    """Scoring a text ran past the request timeout. The same text would run past it again, so this is
-    not a retryable 503: it says to send less (422 on the native routes, 400 on /v1)."""
+def scoring_stopped_error(exc: ScoringStopped, field: str) -> ApiError:
+    """Scoring a text ran past the request timeout. Once the text had started, the same text would
+    run past it again, so that is not a retryable 503: it says to send less (422 on the native routes,
+    400 on /v1). Before it started, the time went on waiting: the server is busy, and 503 says retry."""
+    if not exc.started:
+        return ApiError(503, "the server was too busy to score this text within its request timeout; retry",
+                        headers={"Retry-After": "1"})
     return ApiError(422, "scoring this text did not finish within the server's request timeout; score a shorter "
                     "text (or ask the operator to raise CHARLM_REQUEST_TIMEOUT)", param=field,
                     details=[{"field": field, "type": "timeout", "message": "too long to score in time"}])

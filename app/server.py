@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import resource
 import signal
 import threading
@@ -67,19 +68,25 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def guarded_protocol(header_seconds: float, max_connections: int) -> type[asyncio.Protocol]:
+def guarded_protocol(header_seconds: float, send_seconds: float, max_connections: int) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol plus what it lacks:
 
     - a connection that has not sent a complete request head within `header_seconds` of opening (or
       of its last response) is closed, so clients that connect and send nothing, or a header a byte at
       a time, cannot hold sockets forever (the body has its own deadline: main.BodyLimit);
-    - at `max_connections` open, a new connection closes the one idle the longest (no request in
-      progress), so the process never runs out of descriptors while idle clients hold them and
-      probes and real clients are still served. When none is idle, uvicorn answers the new one's
-      request with 503, and past BUSY_OVERFLOW more the connection is closed at once."""
+    - a response that cannot be written for `send_seconds` (its client reads nothing) is cut off:
+      whatever the response holds (a stream's work, its share of app/budget.py) goes with it;
+    - at `max_connections` open, a new connection closes the ones idle the longest (no request in
+      progress, not even part of a head), so the process never runs out of descriptors while idle
+      clients hold them and probes and real clients are still served. When none is idle, uvicorn
+      answers the new one's request with 503, and past BUSY_OVERFLOW more the connection is closed.
+
+    A connection the server ends while data is still waiting for its client is aborted, not closed:
+    a close would wait for a client that does not read, and keep the socket and its buffer."""
 
     class GuardedProtocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _send_timer: asyncio.TimerHandle | None = None
         _idle_since: float = 0.0
 
         def connection_made(self, transport: Any) -> None:
@@ -93,22 +100,39 @@ def guarded_protocol(header_seconds: float, max_connections: int) -> type[asynci
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            for timer in (self._head_timer, self._send_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
-        def _idle(self) -> bool:
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(send_seconds, self._end)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _between_requests(self) -> bool:
+            """No complete request head since the last response (or since the connection opened)."""
             return self.cycle is None or self.cycle.response_complete
+
+        def _idle(self) -> bool:
+            """Between requests, and no part of the next one's head received: free to make room."""
+            return self._between_requests() and not self.conn.trailing_data[0]
 
         def _make_room(self) -> None:
             """Close the longest-idle connections until this one is within the limit (uvicorn answers
             503 at the limit itself), or close this one when too many are busy to make room."""
             open_ = [c for c in self.connections if isinstance(c, GuardedProtocol) and not c.transport.is_closing()]
             idle = sorted((c for c in open_ if c is not self and c._idle()), key=lambda c: c._idle_since)
-            for connection in idle[: len(open_) - (max_connections - 1)]:
-                connection.transport.close()
+            for connection in idle[: max(0, len(open_) - (max_connections - 1))]:
+                connection._end()
             if len(open_) - len(idle) > max_connections + BUSY_OVERFLOW:
-                self.transport.close()  # beyond what its 503 may take: the descriptors are kept
+                self._end()  # beyond what its 503 may take: the descriptors are kept
 
         def _arm(self) -> None:
             self._idle_since = time.monotonic()
@@ -117,7 +141,16 @@ def guarded_protocol(header_seconds: float, max_connections: int) -> type[asynci
             self._head_timer = self.loop.call_later(header_seconds, self._expired)
 
         def _expired(self) -> None:
-            if self._idle() and not self.transport.is_closing():  # no request head since armed
+            # No request head since armed; a response still waiting to be read is the send timer's.
+            if self._between_requests() and not self.flow.write_paused:
+                self._end()
+
+        def _end(self) -> None:
+            if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+                return
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
                 self.transport.close()
 
     return GuardedProtocol
@@ -144,15 +177,21 @@ def connection_limit(configured: int) -> int:
 
 class RedactQuery(logging.Filter):
     """Access-log lines show a query string's parameter names, never their values: a client may put
-    an API key there (it is refused, but it must not reach the log)."""
+    an API key there (it is refused, but it must not reach the log). Anything that does not look like
+    a plain name (a bare value, a long or odd name) is not shown either."""
+
+    NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
             path, query = args[2].split("?", 1)
-            names = [part.split("=", 1)[0] for part in query.split("&")]
-            record.args = (*args[:2], path + "?" + "&".join(f"{n}=<redacted>" for n in names), *args[3:])
+            record.args = (*args[:2], path + "?" + "&".join(map(self._redact, query.split("&"))), *args[3:])
         return True
+
+    def _redact(self, part: str) -> str:
+        name, equals, _ = part.partition("=")
+        return f"{name}=<redacted>" if equals and self.NAME.fullmatch(name) else "<redacted>"
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -161,7 +200,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         log.info("connections limited to %d by the descriptor limit (RLIMIT_NOFILE)", limit)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info",
-        http=guarded_protocol(settings.header_timeout, limit),
+        http=guarded_protocol(settings.header_timeout, settings.send_timeout, limit),
         limit_concurrency=limit, backlog=settings.backlog,
         timeout_keep_alive=settings.timeout_keep_alive,
         # uvicorn's None means "wait forever": always give it a number, past the engine's own grace.

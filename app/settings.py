@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from charlm.request import EngineLimits
+from charlm.request import MAX_LOGPROBS, EngineLimits
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "mysterious_island.safetensors"
 _LIMITS = EngineLimits()
@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
     header_timeout: float = Field(10.0, gt=0, le=3600,
                                   description="seconds a connection may take to send a request's head")
+    send_timeout: float = Field(60.0, gt=0, le=3600,
+                                description="seconds a response may wait for its client to read before it is cut off")
 
     @field_validator("api_key")
     @classmethod
@@ -62,9 +64,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _held_covers_one(self) -> Settings:
         """A server that cannot hold one largest response would refuse it forever with a retryable 429."""
-        if self.max_logprob_values_held < self.max_logprob_values:
+        largest = max(self.max_logprob_values, self.max_score_chars * (1 + MAX_LOGPROBS))  # a /score's too
+        if self.max_logprob_values_held < largest:
             raise ValueError(f"CHARLM_MAX_LOGPROB_VALUES_HELD ({self.max_logprob_values_held}) must be at least "
-                             f"CHARLM_MAX_LOGPROB_VALUES ({self.max_logprob_values})")
+                             f"CHARLM_MAX_LOGPROB_VALUES ({self.max_logprob_values}) and CHARLM_MAX_SCORE_CHARS x 6 "
+                             f"({self.max_score_chars * (1 + MAX_LOGPROBS)})")
         return self
 
     def limits(self) -> EngineLimits:

@@ -7,15 +7,23 @@ event instead of letting encoded events pile up in the server.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi.sse import EventSourceResponse, ServerSentEvent, format_sse_event
+from starlette.background import BackgroundTask
 
 __all__ = ["ServerSentEvent", "sse_response", "sse_content", "DONE"]
 
 DONE = ServerSentEvent(raw_data="[DONE]")  # OpenAI's end-of-stream marker
+
+# A comment line after this long without an event, so that proxies do not close a quiet stream (one
+# waiting in the queue, or behind a long prefill); clients ignore comments.
+PING_SECONDS = 15.0
+PING = b": ping\n\n"
 
 
 # One event, as OpenAPI 3.2 describes an event stream's items (and FastAPI documents its own streams).
@@ -40,11 +48,42 @@ def _json(data: Any) -> str | None:
     return None if data is None else json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-async def _encoded(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
-    async for event in events:
-        yield encode(event)
+async def _encoded(events: AsyncGenerator[ServerSentEvent, None], ping_seconds: float) -> AsyncGenerator[bytes, None]:
+    """The events, encoded, with a ping whenever none came for `ping_seconds`.
+
+    A task pulls the events one ahead of the response (a queue of one), so waiting for the next one
+    can time out without cancelling the generator itself; cancelling the task at the end runs the
+    generator's own clean-up (its work cancelled, its share released)."""
+    ready: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)
+
+    async def produce() -> None:
+        async with aclosing(events):  # closed here, in this task, however it ends
+            async for event in events:
+                await ready.put(encode(event))
+
+    producer = asyncio.ensure_future(produce())
+    try:
+        while True:
+            getter = asyncio.ensure_future(ready.get())
+            done, _ = await asyncio.wait({getter, producer}, timeout=ping_seconds,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+                continue
+            getter.cancel()
+            if producer in done:
+                while not ready.empty():
+                    yield ready.get_nowait()
+                producer.result()  # the producer's exception, if it had one
+                return
+            yield PING
+    finally:
+        producer.cancel()
 
 
-def sse_response(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
-    """A text/event-stream response of `events`, unbuffered by proxies that honour X-Accel-Buffering."""
-    return EventSourceResponse(_encoded(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sse_response(events: AsyncGenerator[ServerSentEvent, None], background: BackgroundTask | None = None,
+                 ping_seconds: float = PING_SECONDS) -> EventSourceResponse:
+    """A text/event-stream response of `events`, unbuffered by proxies that honour X-Accel-Buffering;
+    `background` runs once it is sent."""
+    return EventSourceResponse(_encoded(events, ping_seconds), background=background,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

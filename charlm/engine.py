@@ -328,7 +328,7 @@ class Engine:
         if isinstance(job, _ScoreJob):
             if reason := job.scoring.ended_early():
                 self._prefilling.popleft()
-                self._finish_unstarted(job.scoring, job.admitted, reason)
+                self._finish_unstarted(job.scoring, job.admitted, reason, started=job.pos > 0)
                 return True
             return False
         for follower in list(job.followers):
@@ -500,15 +500,17 @@ class Engine:
         with self._stats_lock:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
 
-    def _finish_unstarted(self, handle: Handle[Any], admitted: float, reason: FinishReason) -> None:
-        """End a request that never reached a decode row (cancelled, timed out, or shut down)."""
+    def _finish_unstarted(self, handle: Handle[Any], admitted: float, reason: FinishReason,
+                          started: bool = False) -> None:
+        """End a request that never reached a decode row (cancelled, timed out, or shut down); a
+        scoring job may have `started` on its text."""
         if isinstance(handle, Generation):
             logprobs: list[CharLogprob] | None = [] if handle.request.logprobs is not None else None
             self._finish(_Row(handle, RowSampler(SamplingParams(), 0), 0, admitted=admitted, logprobs=logprobs),
                          reason)
             return
         self._count({"cancelled": "cancelled", "timeout": "timeouts"}.get(reason, "failed"))
-        handle._finish(None, ScoringStopped("timeout" if reason == "timeout" else "cancelled"))
+        handle._finish(None, ScoringStopped("timeout" if reason == "timeout" else "cancelled", started))
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """One id per row, each drawn with that row's settings and its own random stream."""

@@ -67,12 +67,14 @@ class GenerationFailed(RuntimeError):
 
 
 class ScoringStopped(RuntimeError):
-    """A scoring job ended before its text did: `reason` is "timeout" (it ran past its timeout; score
-    a shorter text or raise the timeout) or "cancelled" (its caller went away)."""
+    """A scoring job ended before its text did: `reason` is "timeout" (it ran past its timeout) or
+    "cancelled" (its caller went away). `started` says whether any of the text had been scored: a
+    timeout before that was spent waiting (the server is busy; retry), after it the text is too long
+    for the timeout (score a shorter text or raise the timeout)."""
 
-    def __init__(self, reason: Literal["cancelled", "timeout"]):
+    def __init__(self, reason: Literal["cancelled", "timeout"], started: bool = False):
         super().__init__(f"scoring was {'cancelled' if reason == 'cancelled' else 'stopped by its timeout'}")
-        self.reason = reason
+        self.reason, self.started = reason, started
 
 
 @dataclass(frozen=True)

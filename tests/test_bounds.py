@@ -13,9 +13,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.budget import BudgetExhausted, LogprobBudget
+from app.errors import scoring_stopped_error
 from app.main import create_app
 from app.openai_api.protocol import Completion
+from app.openai_api.serving import engine_error
 from app.routes.health import public_summary
+from charlm.request import ScoringStopped
 from tests.test_openai import MODEL, assert_openai_error
 from tests.test_service import assert_error, settings_for
 
@@ -65,15 +68,21 @@ def test_echo_scoring_jobs_count_against_max_choices(tiny_checkpoint_path: Path)
         assert "18 queue places" in message and "scoring" in message
 
 
-def test_a_scoring_timeout_says_to_send_less_and_is_not_retryable(tiny_checkpoint_path: Path) -> None:
+def test_a_scoring_timeout_while_waiting_is_retryable(tiny_checkpoint_path: Path) -> None:
     with TestClient(create_app(settings_for(tiny_checkpoint_path, request_timeout=1e-9))) as c:
         r = c.post("/score", json={"text": "The engineer and the sailor"})
-        error = assert_error(r, 422, "validation_error")
-        assert "retry-after" not in r.headers and "shorter" in error["message"]
-        assert error["details"][0]["field"] == "text"
+        assert assert_error(r, 503, "not_ready") and r.headers["retry-after"] == "1"
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "The engineer", "max_tokens": 0, "echo": True,
                                             "logprobs": 1})
-        assert "shorter" in assert_openai_error(r, 400, "prompt") and "retry-after" not in r.headers
+        assert "busy" in assert_openai_error(r, 503) and r.headers["retry-after"] == "1"
+
+
+def test_a_scoring_timeout_once_started_says_to_send_less_and_is_not_retryable() -> None:
+    error = scoring_stopped_error(ScoringStopped("timeout", started=True), "text")
+    assert error.status == 422 and error.headers is None and "shorter" in error.message
+    assert error.details[0]["field"] == "text" and error.param == "text"
+    on_v1 = engine_error(ScoringStopped("timeout", started=True))
+    assert on_v1.status == 422 and on_v1.param == "prompt"  # answered as OpenAI's 400 on /v1
 
 
 @pytest.mark.parametrize("path", ["/generate", "/generate/stream", "/score", "/v1/completions"])

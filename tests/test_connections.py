@@ -75,10 +75,21 @@ def test_idle_connections_never_exhaust_the_descriptors(tiny_checkpoint_path: Pa
 def test_an_api_key_in_the_query_string_never_reaches_the_log(tiny_checkpoint_path: Path) -> None:
     secret = "k3y-in-the-url-0123456789"
     with running_server(tiny_checkpoint_path, CHARLM_API_KEY="the-real-key") as server:
-        for path in (f"/info?api_key={secret}", f"/v1/models?x=1&key={secret}"):
+        for path in (f"/info?api_key={secret}", f"/v1/models?x=1&key={secret}", f"/info?{secret}"):
             assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 401
         log = server.output()
     assert secret not in log and "api_key=<redacted>" in log and "/v1/models?x=<redacted>&key=<redacted>" in log
+    assert "/info?<redacted>" in log  # a bare value is not taken for a name
+
+
+def ask(server: Server, path: str, body: dict) -> str:
+    """One request on a connection of its own, closed after the reply, which is returned whole."""
+    host, port = address(server)
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        return read_all(sock)
 
 
 def stream_nobody_reads(server: Server, n: int, max_tokens: int) -> socket.socket:
@@ -93,7 +104,8 @@ def test_streams_nobody_reads_hold_a_bounded_share_and_closing_them_stalls_nothi
         tiny_checkpoint_path: Path) -> None:
     # Each stream may carry 64 x 1000 x 6 = 384,000 log-probabilities; the server holds at most two of them.
     env = {"CHARLM_MAX_BATCH": "64", "CHARLM_MAX_LOGPROB_VALUES": "400000",
-           "CHARLM_MAX_LOGPROB_VALUES_HELD": "800000", "CHARLM_STREAM_INTERVAL_MS": "0"}
+           "CHARLM_MAX_LOGPROB_VALUES_HELD": "800000", "CHARLM_STREAM_INTERVAL_MS": "0",
+           "CHARLM_SEND_TIMEOUT": "3600"}
     with running_server(tiny_checkpoint_path, **env) as server:
         readers = [stream_nobody_reads(server, 64, 1000) for _ in range(2)]
         while server.metric("charlm_decode_rows_total") < 2 * 64 * 999:  # all made, none read
@@ -105,8 +117,8 @@ def test_streams_nobody_reads_hold_a_bounded_share_and_closing_them_stalls_nothi
             sock.close()
         assert slowest_health(server, 20) < 2.0  # was 10.7-11.3 s while such streams' leftovers were encoded
         while True:  # their shares come back once the server has seen them go
-            reply = read_all(start_request(server, "/v1/completions", {"model": "tiny", "prompt": "The ", "n": 64,
-                                                                       "logprobs": 5, "max_tokens": 1000}))
+            reply = ask(server, "/v1/completions", {"model": "tiny", "prompt": "The ", "n": 64, "logprobs": 5,
+                                                    "max_tokens": 1000})
             if not reply.startswith("HTTP/1.1 429"):
                 break
             time.sleep(0.05)
@@ -125,3 +137,28 @@ def test_health_answers_while_the_largest_accepted_response_is_written(tiny_chec
         assert slowest_health(server, 20) < 2.0
         reply = read_all(big)
         assert reply.startswith("HTTP/1.1 200")
+
+
+def test_a_response_nobody_reads_is_cut_off_and_gives_its_share_back(tiny_checkpoint_path: Path) -> None:
+    # Room for one such stream: while it is held, the same request is refused; once the server has
+    # cut off the client that stopped reading, it is answered.
+    env = {"CHARLM_MAX_BATCH": "64", "CHARLM_MAX_LOGPROB_VALUES": "400000", "CHARLM_MAX_LOGPROB_VALUES_HELD": "400000",
+           "CHARLM_STREAM_INTERVAL_MS": "0", "CHARLM_SEND_TIMEOUT": "1"}
+    body = {"model": "tiny", "prompt": "The ", "n": 64, "logprobs": 5, "max_tokens": 1000, "seed": 1}
+    with running_server(tiny_checkpoint_path, **env) as server:
+        stalled = stream_nobody_reads(server, 64, 1000)
+        while True:
+            reply = ask(server, "/v1/completions", body)
+            if not reply.startswith("HTTP/1.1 429"):
+                break
+            time.sleep(0.05)
+        assert reply.startswith("HTTP/1.1 200")
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 23)  # now read what got through, quickly
+        stalled.settimeout(60)
+        received = b""
+        try:
+            while chunk := stalled.recv(1 << 16):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        assert b"[DONE]" not in received  # cut off, not finished

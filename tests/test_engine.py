@@ -702,8 +702,33 @@ def test_a_scoring_job_ends_when_cancelled_or_out_of_time(tiny: Checkpoint) -> N
         running.cancel()
         with pytest.raises(ScoringStopped) as stopped:
             late.result(timeout=60)
-        assert stopped.value.reason == "timeout"
+        assert stopped.value.reason == "timeout" and not stopped.value.started  # it only waited
         assert eng.score(ScoreRequest("The engineer")).result(timeout=60).chars == 11
+
+
+def test_a_scoring_timeout_says_whether_the_text_had_started(tiny: Checkpoint) -> None:
+    # The worker scores the text's first chunks, then waits before its next decode step while the
+    # timeout passes: the job ends as one that started, and so is too long for the timeout. A machine
+    # too slow to score one chunk before the timeout gets a longer timeout, not a failure.
+    limits = EngineLimits(max_batch=2, max_length=ENDLESS, max_score_chars=4000)
+    for timeout in (0.5, 2.0, 8.0, 32.0):
+        pacer = Pacer()
+        with Engine(tiny.model, tiny.vocab, limits, hooks=pacer.hooks) as eng:
+            running = eng.submit(GenerationRequest("The ", length=ENDLESS))
+            chunks = count_model_calls(eng)  # the short seed is prefilled without the model: scoring only
+            long = eng.score(ScoreRequest(("the island " * 300)[:3000], timeout=timeout))
+            pacer.release()
+            assert long.deadline is not None
+            while time.perf_counter() <= long.deadline:
+                time.sleep(0.01)
+            began = chunks[0] > 0  # read while the worker waits before a step, once the timeout has passed
+            pacer.stop()
+            with pytest.raises(ScoringStopped) as stopped:
+                long.result(timeout=60)
+            running.cancel()
+        if began:
+            break
+    assert began and stopped.value.reason == "timeout" and stopped.value.started
 
 
 def test_greedy_logprobs_and_shared_prefills_on_the_path_cuda_takes(tiny: Checkpoint,

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.errors import ApiError, openai_error_body, queue_refusal, scoring_timeout_error, shut_down_error
+from app.errors import ApiError, openai_error_body, queue_refusal, scoring_stopped_error, shut_down_error
 from app.metrics import Metrics
 from app.openai_api.plan import Plan, choice_seed
 from app.sse import DONE, ServerSentEvent
@@ -106,7 +106,7 @@ def engine_error(exc: BaseException) -> ApiError:
     if isinstance(exc, EngineClosedError):
         return shut_down_error()
     if isinstance(exc, ScoringStopped):
-        return scoring_timeout_error("prompt")
+        return scoring_stopped_error(exc, "prompt")
     if isinstance(exc, GenerationFailed):
         return ApiError(500, str(exc))
     return ApiError(500, f"internal error: {type(exc).__name__}")
@@ -261,7 +261,7 @@ class CompletionStream:
     metrics: Metrics
     _news: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def events(self) -> AsyncIterator[ServerSentEvent]:
+    async def events(self) -> AsyncGenerator[ServerSentEvent, None]:
         streams = [_ChoiceStream(c, 0 if self.plan.echo else len(self.plan.prompts[c // self.plan.n]))
                    for c in range(self.plan.choices)]
         scorings = [asyncio.ensure_future(outcome(s)) for s in self.work.scorings]

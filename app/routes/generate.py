@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from asyncio import sleep
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -79,7 +79,7 @@ async def generate_stream(request: Request, gen: Submitted) -> EventSourceRespon
     return sse_response(_events(request, gen))
 
 
-async def _events(request: Request, gen: Generation) -> AsyncIterator[ServerSentEvent]:
+async def _events(request: Request, gen: Generation) -> AsyncGenerator[ServerSentEvent, None]:
     # At most one text event per interval: the first character goes out at once, later ones in
     # pieces (smooth to a reader) instead of an event, a write and a wakeup per character, which
     # held 64 streams to ~2,000 characters/s in all.

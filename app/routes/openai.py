@@ -10,20 +10,21 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from app.auth import Authorized
-from app.budget import BudgetExhausted
+from app.budget import BudgetExhausted, Lease
 from app.deps import EngineDep, cancel_on_disconnect, served_model_id
 from app.errors import ApiError, budget_refusal
-from app.openai_api.plan import PlanLimits, plan_of
+from app.openai_api.plan import Plan, PlanLimits, plan_of
 from app.openai_api.protocol import OPENAI_ERROR_RESPONSES, Completion, CompletionRequest, Model, ModelList
 from app.openai_api.serving import (
     CompletionStream,
@@ -36,6 +37,7 @@ from app.openai_api.serving import (
     submit,
 )
 from app.sse import ServerSentEvent, sse_content, sse_response
+from charlm.engine import Engine
 from charlm.request import EngineClosedError, GenerationFailed, ScoringStopped
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authorized],
@@ -118,38 +120,44 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     except BudgetExhausted as exc:
         raise budget_refusal(exc, state.metrics) from None
     try:
-        work = submit(plan, engine, settings.request_timeout, state.metrics)
-    except ApiError:
+        return await _respond(plan, body.stream, request, engine, lease)
+    except BaseException:  # refused, failed or cancelled before a response took the lease over
         lease.release()
         raise
+
+
+async def _respond(plan: Plan, stream: bool | None, request: Request, engine: Engine, lease: Lease) -> Response:
+    """Submit the plan and answer; the response releases `lease` once it is sent, or its client gone
+    (the body's own clean-up, and a background task for a response that fails to send)."""
+    state, settings = request.app.state, request.app.state.settings
+    work = submit(plan, engine, settings.request_timeout, state.metrics)
     header = Header(f"cmpl-{uuid.uuid4().hex}", int(time.time()), plan.model)
-    if body.stream:
-        stream = CompletionStream(plan, work, header, settings.stream_interval_ms / 1000, state.metrics)
-        return sse_response(_watched(request, work, stream.events(), lease.release))
+    if stream:
+        events = CompletionStream(plan, work, header, settings.stream_interval_ms / 1000, state.metrics).events()
+        return sse_response(_watched(request, work, events, lease.release), BackgroundTask(lease.release))
     watcher = cancel_on_disconnect(request, work.handles)
     try:
         scored = await asyncio.gather(*(outcome(s) for s in work.scorings))
         results = await asyncio.gather(*(outcome(g) for g in work.gens))
     except (GenerationFailed, EngineClosedError, ScoringStopped) as exc:
-        lease.release()
         raise engine_error(exc) from None
     finally:
         watcher.cancel()
         work.cancel()  # no-op when finished; frees the rows if this handler itself was cancelled
     for result in results:
         record(state.metrics, result)
-    # Released when the body is sent, or when sending it fails (the background task does not run then).
     return StreamingResponse(_released(completion_body(plan, header, scored, results), lease.release),
                              media_type="application/json", background=BackgroundTask(lease.release))
 
 
-async def _watched(request: Request, work: Work, events: AsyncIterator[ServerSentEvent], release: Callable[[], None]
-                   ) -> AsyncIterator[ServerSentEvent]:
+async def _watched(request: Request, work: Work, events: AsyncGenerator[ServerSentEvent, None],
+                   release: Callable[[], None]) -> AsyncGenerator[ServerSentEvent, None]:
     """A stream's events, its work cancelled the moment the client goes, its lease released at the end."""
     watcher = cancel_on_disconnect(request, work.handles)
     try:
-        async for event in events:
-            yield event
+        async with aclosing(events):
+            async for event in events:
+                yield event
     finally:
         watcher.cancel()
         release()

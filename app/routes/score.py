@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from app.auth import Authorized
 from app.budget import BudgetExhausted, Lease
@@ -12,7 +17,7 @@ from app.errors import (
     ApiError,
     budget_refusal,
     refusal,
-    scoring_timeout_error,
+    scoring_stopped_error,
     shut_down_error,
 )
 from app.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
@@ -38,8 +43,8 @@ async def scored(request: Request, scoring: Scoring) -> ScoreResult:
     watcher = cancel_on_disconnect(request, [scoring])
     try:
         return await scoring.wait()
-    except ScoringStopped:
-        raise scoring_timeout_error("text") from None
+    except ScoringStopped as exc:
+        raise scoring_stopped_error(exc, "text") from None
     except GenerationFailed as exc:
         raise ApiError(500, f"scoring failed: {exc}") from None
     except EngineClosedError:
@@ -59,21 +64,39 @@ def _lease(request: Request, values: int) -> Lease:
 
 @router.post("/score", response_model=ScoreResponse, summary="Score a text: bits per character and per-character "
              "log-probabilities")
-async def score(body: ScoreRequest, request: Request, engine: EngineDep) -> JSONResponse:
+async def score(body: ScoreRequest, request: Request, engine: EngineDep) -> StreamingResponse:
     """Each character after the first, predicted from all the characters before it, with the state
     carried over the whole text, as `charlm eval` computes held-out bpc (and with the same result).
     The first character is context only: the model has no start-of-text token to predict it from.
     Long texts are scored in chunks between other requests' decode steps, so they never stall them."""
-    lease = _lease(request, len(body.text) * (1 + body.top_k))
+    lease = _lease(request, len(body.text) * (1 + body.top_k) if body.per_char else 0)
     try:
         result = await scored(request, submit_score(engine, request, body.text, body.top_k))
+    except BaseException:
+        lease.release()
+        raise
+    # Written as the client reads it, and the share held until then (app/budget.py).
+    return StreamingResponse(_body(result, body.per_char, lease), media_type="application/json",
+                             background=BackgroundTask(lease.release))
+
+
+# Per-character entries encoded per piece of the body: small enough that a piece never holds the loop.
+ENTRIES_PER_PIECE = 1000
+
+
+async def _body(result: ScoreResult, per_char: bool, lease: Lease) -> AsyncIterator[bytes]:
+    try:
+        head = {"bits_per_char": result.bits_per_char, "chars": result.chars, "logprob": result.logprob,
+                "timings": {"queue_ms": result.queue_ms, "score_ms": result.score_ms}}
+        yield json.dumps(head, separators=(",", ":"))[:-1].encode()
+        if not per_char:
+            yield b',"per_char":null}'
+            return
+        for start in range(0, len(result.per_char), ENTRIES_PER_PIECE):
+            piece = [{"char": e.char, "logprob": e.logprob, "top": [{"char": c, "logprob": lp} for c, lp in e.top]}
+                     for e in result.per_char[start : start + ENTRIES_PER_PIECE]]
+            yield ((',"per_char":[' if start == 0 else ",") + json.dumps(piece, separators=(",", ":"))[1:-1]).encode()
+            await asyncio.sleep(0)
+        yield b"]}"
     finally:
-        lease.release()  # the result is turned into the response below, without waiting for the client
-    per_char = None
-    if body.per_char:  # plain dicts: a model object per character would cost more than the scoring's chunks
-        per_char = [{"char": e.char, "logprob": e.logprob, "top": [{"char": c, "logprob": lp} for c, lp in e.top]}
-                    for e in result.per_char]
-    return JSONResponse({
-        "bits_per_char": result.bits_per_char, "chars": result.chars, "logprob": result.logprob, "per_char": per_char,
-        "timings": {"queue_ms": result.queue_ms, "score_ms": result.score_ms},
-    })
+        lease.release()
