@@ -34,9 +34,7 @@ from charlm.inputs import input_errors
 from charlm.model import CharLSTM, ModelConfig, State
 from charlm.train_config import TrainConfig, TrainConfigError
 
-# TrainConfig and evaluate have modules of their own (charlm.train_config, charlm.evaluate); they are
-# named here too, for callers that import them from the trainer.
-__all__ = ["TrainConfig", "TrainConfigError", "TrainState", "TrainResult", "ResumeError", "train", "evaluate"]
+__all__ = ["TrainState", "TrainResult", "ResumeError", "train", "check_batch_split"]
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from charlm.checkpoint import Checkpoint, load_checkpoint
-from charlm.train import TrainConfig, train
+from charlm.train import train
+from charlm.train_config import TrainConfig
 
 # Tiny models gain nothing from threads, and a second thread only fights whatever else runs.
 torch.set_num_threads(1)

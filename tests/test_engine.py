@@ -636,7 +636,7 @@ def corpus_text(tiny: Checkpoint, chars: int) -> str:
 
 
 def test_scoring_matches_the_trainers_evaluation(tiny: Checkpoint, engine: Engine) -> None:
-    from charlm.train import evaluate
+    from charlm.evaluate import evaluate
 
     text = corpus_text(tiny, 1500)  # three chunks
     result = engine.score(ScoreRequest(text, top_k=5)).result(timeout=60)

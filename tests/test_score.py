@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from charlm.checkpoint import Checkpoint
 from charlm.cli import main
+from charlm.evaluate import evaluate
 from charlm.text import load_corpus, split_text
-from charlm.train import evaluate
 from tests.conftest import make_corpus
 from tests.test_service import assert_error, settings_for
 
