@@ -9,7 +9,8 @@ Scoring a text (how likely the model finds each of its characters) is a job of i
 worker: it goes through nn.LSTM in the same chunks as a long seed, interleaved with decode steps.
 
 What goes in and comes out (requests, results, errors) is in charlm/request.py; what a caller holds
-while the work runs (handles) in charlm/handles.py; stop strings in charlm/stopping.py.
+while the work runs (handles) in charlm/handles.py; stop strings in charlm/stopping.py; the worker's
+records of jobs and rows in charlm/jobs.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from charlm import native
 from charlm.decoder import Decoder
 from charlm.handles import Generation, Handle, Scoring, running_loop
+from charlm.jobs import Job, Prefill, Row, ScoreJob
 from charlm.logprobs import sampled_logprobs, scored_logprobs
 from charlm.model import CharLSTM
 from charlm.request import (
@@ -86,69 +88,6 @@ class EngineStats:
     scored: int = 0  # scoring jobs completed
 
 
-@dataclass(eq=False)  # identity: jobs are found in the queue by object, never compared by tensors
-class _ChunkedJob:
-    """Text going through nn.LSTM chunk by chunk (a long seed, or a text to score), and how far it got."""
-
-    ids: torch.Tensor  # (1, characters)
-    _: KW_ONLY
-    pos: int = 0  # characters fed to the model so far
-    state: tuple[torch.Tensor, torch.Tensor] | None = None
-    seconds: float = 0.0
-    admitted: float = field(default_factory=time.perf_counter)
-
-
-@dataclass(eq=False)
-class _Prefill(_ChunkedJob):
-    """A request whose seed is being run through the LSTM, chunk by chunk."""
-
-    gen: Generation
-    # Requests with the same long seed admitted while this one prefills (the n choices of one prompt):
-    # they take its final state instead of computing the same chunks again.
-    followers: list[_Prefill] = field(default_factory=list)
-
-    @property
-    def handles(self) -> list[Handle[Any]]:
-        return [self.gen, *(f.gen for f in self.followers)]
-
-
-@dataclass(eq=False)
-class _ScoreJob(_ChunkedJob):
-    """A text being scored, chunk by chunk, with what its chunks found so far; each character fed to the
-    model predicts the next one."""
-
-    scoring: Scoring
-    per_char: list[CharLogprob] = field(default_factory=list)
-
-    @property
-    def handles(self) -> list[Handle[Any]]:
-        return [self.scoring]
-
-
-_Job = _Prefill | _ScoreJob  # what the prefill queue holds
-
-
-@dataclass
-class _Row:
-    """An active request's decoding state besides the batched LSTM state."""
-
-    gen: Generation
-    sampler: RowSampler
-    token: int
-    generated: list[str] = field(default_factory=list)
-    emitted: int = 0
-    admitted: float = 0.0
-    prefill_s: float = 0.0
-    decode_start: float = 0.0
-    logprobs: list[CharLogprob] | None = None  # one per generated character, when the request asked
-    pending: CharLogprob | None = None  # the entry of the character just sampled, before _advance takes it
-    # The request's sampling settings as the samplers take them, worked out once instead of every step.
-    scale: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    stops: StopStrings | None = None  # None when the request has no stop strings: nothing to check
-
-
 class Engine:
     """Continuous-batching text generation (and scoring) over one model, on CPU or CUDA."""
 
@@ -167,9 +106,9 @@ class Engine:
         self._sampled = torch.zeros(self.limits.max_batch, dtype=torch.long)  # the native sampler's output
         self._vocab_size = len(vocab)
         self._waiting: collections.deque[Handle[Any]] = collections.deque()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._asking = 0  # rows of self._rows that want logprobs: while 0, a step computes none
-        self._prefilling: collections.deque[_Job] = collections.deque()
+        self._prefilling: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
         self._accepting = True
         self._unfinished = 0  # jobs submitted and not yet finished, wherever they are
@@ -315,17 +254,17 @@ class Engine:
             if self._drop_ended(job):
                 continue
             try:
-                budget -= self._score_chunk(job) if isinstance(job, _ScoreJob) else self._prefill_chunk(job)
+                budget -= self._score_chunk(job) if isinstance(job, ScoreJob) else self._prefill_chunk(job)
             except Exception as exc:  # one bad request must not stop the worker
                 if job in self._prefilling:  # it may already have left the queue when it failed
                     self._prefilling.remove(job)
-                what = "scoring" if isinstance(job, _ScoreJob) else "prefill"
+                what = "scoring" if isinstance(job, ScoreJob) else "prefill"
                 self._fail(job.handles, f"{what} failed: {exc}")
 
-    def _drop_ended(self, job: _Job) -> bool:
+    def _drop_ended(self, job: Job) -> bool:
         """Finish the requests of `job` that were cancelled or ran out of time; True when none is left
         (the job has then left the queue)."""
-        if isinstance(job, _ScoreJob):
+        if isinstance(job, ScoreJob):
             if reason := job.scoring.ended_early():
                 self._prefilling.popleft()
                 self._finish_unstarted(job.scoring, job.admitted, reason, started=job.pos > 0)
@@ -344,15 +283,15 @@ class Engine:
             job.gen, job.admitted = heir.gen, heir.admitted
         return False
 
-    def _slots_taken(self, short: list[_Prefill]) -> int:
+    def _slots_taken(self, short: list[Prefill]) -> int:
         """Rows in use or promised: active rows, short seeds being admitted, and every queued job's
         requests (a scoring job holds no decoder row but counts, so max_batch bounds all the work)."""
-        queued = sum(1 + len(job.followers) if isinstance(job, _Prefill) else 1 for job in self._prefilling)
+        queued = sum(1 + len(job.followers) if isinstance(job, Prefill) else 1 for job in self._prefilling)
         return len(self._rows) + len(short) + queued
 
-    def _take_waiting(self) -> list[_Prefill]:
+    def _take_waiting(self) -> list[Prefill]:
         """Admit waiting requests while rows are free; return the short-seed ones, queue the rest."""
-        short: list[_Prefill] = []
+        short: list[Prefill] = []
         while self._slots_taken(short) < self.limits.max_batch:
             with self._lock:
                 if not self._waiting:
@@ -362,11 +301,11 @@ class Engine:
                 self._finish_unstarted(handle, time.perf_counter(), reason)
                 continue
             if isinstance(handle, Scoring):
-                self._prefilling.append(_ScoreJob(self._encode(handle.request.text), scoring=handle))
+                self._prefilling.append(ScoreJob(self._encode(handle.request.text), scoring=handle))
                 continue
             assert isinstance(handle, Generation)
             seed = handle.request.seed
-            job = _Prefill(self._encode(seed), gen=handle)
+            job = Prefill(self._encode(seed), gen=handle)
             if self._decoder.row_invariant and job.ids.size(1) <= SHORT_SEED:
                 short.append(job)
             elif leader := self._prefilling_seed(seed):
@@ -379,20 +318,20 @@ class Engine:
         """`text` as a batch of one row of ids on the model's device, as nn.LSTM takes it."""
         return self.vocab.encode(text).to(self.device)[None]
 
-    def _prefilling_seed(self, seed: str) -> _Prefill | None:
+    def _prefilling_seed(self, seed: str) -> Prefill | None:
         """The long-seed job already running this seed, if any."""
         for job in self._prefilling:
-            if isinstance(job, _Prefill) and job.gen.request.seed == seed:
+            if isinstance(job, Prefill) and job.gen.request.seed == seed:
                 return job
         return None
 
-    def _prefill_short(self, jobs: list[_Prefill]) -> None:
+    def _prefill_short(self, jobs: list[Prefill]) -> None:
         """Prefill short seeds together in the free decoder rows after the active ones.
 
         Requests with the same seed (n samples of one prompt) share one prefilled row: its state
         is what each of them would have computed alone, bit for bit.
         """
-        by_seed: dict[str, list[_Prefill]] = {}
+        by_seed: dict[str, list[Prefill]] = {}
         for job in jobs:
             by_seed.setdefault(job.gen.request.seed, []).append(job)
         seeds = sorted(by_seed, key=len, reverse=True)  # the decoder wants the longest seed first
@@ -413,7 +352,7 @@ class Engine:
         except Exception as exc:  # before any of them got a row: these requests fail, nothing else
             self._fail([job.gen for job in jobs], f"prefill failed: {exc}")
 
-    def _prefill_chunk(self, job: _Prefill) -> int:
+    def _prefill_chunk(self, job: Prefill) -> int:
         """Run the next chunk of a seed through nn.LSTM; at its end, sample the first character of
         the job's request and of each follower."""
         chunk = job.ids[:, job.pos : job.pos + PREFILL_CHUNK]
@@ -434,7 +373,7 @@ class Engine:
         self._start_rows(jobs, last, lambda _, slot: self._decoder.load_row(slot, h, c))
         return chunk.size(1)
 
-    def _score_chunk(self, job: _ScoreJob) -> int:
+    def _score_chunk(self, job: ScoreJob) -> int:
         """Run the next chunk of a text through nn.LSTM and score the characters it predicts; at the
         end of the text, finish the job. Each position's logits predict the next character, so the
         chunks feed every character but the last."""
@@ -459,7 +398,7 @@ class Engine:
         scoring._finish(ScoreResult.from_per_char(scoring.request.text, job.per_char, queue_s, job.seconds))
         return n
 
-    def _start_rows(self, jobs: list[_Prefill], logits: torch.Tensor, place: Callable[[int, int], None]) -> None:
+    def _start_rows(self, jobs: list[Prefill], logits: torch.Tensor, place: Callable[[int, int], None]) -> None:
         """Sample each prefilled job's first character; give the unfinished ones a decode row.
 
         `place(i, slot)` puts job i's LSTM state into decoder row `slot`.
@@ -468,7 +407,7 @@ class Engine:
         for job in jobs:
             req = job.gen.request
             params = req.sampling
-            rows.append(_Row(job.gen, RowSampler(params, job.gen.random_seed), 0, admitted=job.admitted,
+            rows.append(Row(job.gen, RowSampler(params, job.gen.random_seed), 0, admitted=job.admitted,
                              logprobs=[] if req.logprobs is not None else None, scale=params.sampler_scale,
                              top_k=params.top_k_for(self._vocab_size), top_p=params.top_p_or_off,
                              stops=StopStrings(req.stop) if req.stop else None))
@@ -506,19 +445,19 @@ class Engine:
         scoring job may have `started` on its text."""
         if isinstance(handle, Generation):
             logprobs: list[CharLogprob] | None = [] if handle.request.logprobs is not None else None
-            self._finish(_Row(handle, RowSampler(SamplingParams(), 0), 0, admitted=admitted, logprobs=logprobs),
+            self._finish(Row(handle, RowSampler(SamplingParams(), 0), 0, admitted=admitted, logprobs=logprobs),
                          reason)
             return
         self._count({"cancelled": "cancelled", "timeout": "timeouts"}.get(reason, "failed"))
         handle._finish(None, ScoringStopped("timeout" if reason == "timeout" else "cancelled", started))
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """One id per row, each drawn with that row's settings and its own random stream."""
         scale, top_k, top_p = [r.scale for r in rows], [r.top_k for r in rows], [r.top_p for r in rows]
         uniforms = [r.sampler.uniform() for r in rows]
         return sample_batch(logits, scale, top_k, top_p, uniforms, self._decoder.kernels, self._sampled)
 
-    def _attach_logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int]) -> None:
+    def _attach_logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: list[int]) -> None:
         """Give each row that asked for log-probabilities the entry of the character it just sampled.
         Rows that did not ask cost one look each: no softmax, no sort, no copy."""
         asking = [i for i, row in enumerate(rows) if row.logprobs is not None]
@@ -568,7 +507,7 @@ class Engine:
             self._rows[i] = self._rows[last]
         self._rows.pop()
 
-    def _advance(self, row: _Row) -> bool:
+    def _advance(self, row: Row) -> bool:
         """Record the row's newly sampled token; finish the request if it is done. True = retire."""
         gen = row.gen
         if self._on_char is not None:
@@ -599,13 +538,13 @@ class Engine:
                 self._emit(row, upto)
         return False
 
-    def _emit(self, row: _Row, upto: int) -> None:
+    def _emit(self, row: Row, upto: int) -> None:
         """Hand the row's characters up to `upto` (and their log-probabilities) to its request."""
         entries = row.logprobs[row.emitted : upto] if row.logprobs is not None else ()
         row.gen._emit("".join(row.generated[row.emitted : upto]), entries)
         row.emitted = upto
 
-    def _finish(self, row: _Row, reason: FinishReason) -> bool:
+    def _finish(self, row: Row, reason: FinishReason) -> bool:
         gen = row.gen
         self._emit(row, len(row.generated))
         now = time.perf_counter()
