@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from app.errors import ApiError
+from app.budget import BudgetExhausted, Lease
+from app.errors import ApiError, budget_refusal
 from charlm.engine import Engine
 from charlm.handles import Handle
 
@@ -33,6 +34,16 @@ def ready_engine(request: Request) -> Engine:
 
 
 EngineDep = Annotated[Engine, Depends(ready_engine)]
+
+
+def logprob_lease(request: Request, values: int) -> Lease:
+    """A request's share of the server's bound on held log-probabilities (app/budget.py), or the 429
+    that says the server holds its limit."""
+    try:
+        lease: Lease = request.app.state.logprob_budget.take(values)
+    except BudgetExhausted as exc:
+        raise budget_refusal(exc, request.app.state.metrics) from None
+    return lease
 
 
 def served_model_id(request: Request) -> str:

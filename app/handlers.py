@@ -49,14 +49,11 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 400 and (denied := await _unauthorized(request)):
             return denied  # a body that does not even parse: who sends it comes first
         headers = getattr(exc, "headers", None)
+        message = BODY_UNREADABLE if exc.status_code == 400 else str(exc.detail)
         if is_openai_path(request.url.path):
-            message = str(exc.detail)
             if exc.status_code == 404:
                 message = f"Invalid URL ({request.method} {request.url.path}): no such route"
-            elif exc.status_code == 400:
-                message = BODY_UNREADABLE
             return openai_error_response(exc.status_code, message, headers=headers)
-        message = BODY_UNREADABLE if exc.status_code == 400 else str(exc.detail)
         return error_response(exc.status_code, message, headers=headers)
 
     async def _unauthorized(request: Request) -> JSONResponse | None:

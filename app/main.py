@@ -80,8 +80,9 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = f"request body over the limit of {self.max_bytes} bytes"
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, send, 413, f"request body over the limit of {self.max_bytes} bytes")
+            return await self._refuse(scope, send, 413, too_large)
         try:
             async with asyncio.timeout(self.timeout):
                 buffered = await self._read(receive)
@@ -89,7 +90,7 @@ class BodyLimit:
             return await self._refuse(scope, send, 408, f"the request body did not arrive within {self.timeout:g} s "
                                       "of its head; send it whole, without pauses")
         if buffered is None:
-            return await self._refuse(scope, send, 413, f"request body over the limit of {self.max_bytes} bytes")
+            return await self._refuse(scope, send, 413, too_large)
 
         async def replay() -> Message:
             return buffered.pop(0) if buffered else await receive()

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from charlm.engine import Engine
+from charlm.request import GenerationResult
 
 
 class _EngineCollector(Collector):
@@ -50,3 +51,10 @@ class Metrics:
         self.finished = Counter("charlm_generations", "generations by finish reason", ["finish_reason"],
                                 registry=self.registry)
         self.registry.register(_EngineCollector(engine))
+
+    def record(self, result: GenerationResult | None) -> None:
+        """Count a finished generation (None: a choice with nothing to generate) by its characters and
+        finish reason, for every route that serves one."""
+        if result is not None:
+            self.chars.inc(result.usage.generated_chars)
+            self.finished.labels(result.finish_reason).inc()

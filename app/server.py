@@ -146,11 +146,9 @@ def guarded_protocol(header_seconds: float, send_seconds: float, max_connections
                 self._end()
 
         def _end(self) -> None:
-            if self.transport.is_closing() and not self.transport.get_write_buffer_size():
-                return
-            if self.transport.get_write_buffer_size():
+            if self.transport.get_write_buffer_size():  # also a close already waiting on that data
                 self.transport.abort()
-            else:
+            elif not self.transport.is_closing():
                 self.transport.close()
 
     return GuardedProtocol

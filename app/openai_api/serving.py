@@ -116,12 +116,6 @@ async def outcome(handle: Handle[Any] | None) -> Any:
     return None if handle is None else await handle.wait()
 
 
-def record(metrics: Metrics, result: GenerationResult | None) -> None:
-    if result is not None:
-        metrics.chars.inc(result.usage.generated_chars)
-        metrics.finished.labels(result.finish_reason).inc()
-
-
 # --- OpenAI's objects, encoded piece by piece ---
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -233,7 +227,7 @@ class _ChoiceStream:
 
     index: int
     offset: int  # text_offset of the next character sent
-    echo: list[CharLogprob] | None = None  # the echoed prompt's entries, once known (empty: no logprobs)
+    echo: str | None = None  # the echoed prompt's logprobs object, once known ("null" without logprobs)
     echo_sent: bool = False
     parts: list[str] = field(default_factory=list)  # received, not yet sent
     sent: int = 0  # generated characters sent
@@ -260,6 +254,7 @@ class CompletionStream:
     interval: float
     metrics: Metrics
     _news: asyncio.Event = field(default_factory=asyncio.Event)
+    _echoed: dict[int, str] = field(default_factory=dict)  # per prompt, encoded once for all its choices
 
     async def events(self) -> AsyncGenerator[ServerSentEvent, None]:
         streams = [_ChoiceStream(c, 0 if self.plan.echo else len(self.plan.prompts[c // self.plan.n]))
@@ -282,7 +277,7 @@ class CompletionStream:
                     if finished and not stream.closed:
                         result, stream.result, stream.closed = stream.result, None, True
                         generated += result.usage.generated_chars if result is not None else 0
-                        record(self.metrics, result)
+                        self.metrics.record(result)
                         yield ServerSentEvent(raw_data=self._chunk(choice_json(stream.index, "", None,
                                                                                finish_reason(result))))
                 if self.interval and not all(s.closed for s in streams):
@@ -309,8 +304,7 @@ class CompletionStream:
         if self.plan.echo and not stream.echo_sent:
             if stream.echo is None:
                 return []  # its scoring comes first
-            logprobs = Columns.of(stream.echo, 0).object() if self.plan.logprobs is not None else None
-            chunks.append(self._chunk(choice_json(stream.index, prompt, logprobs, None)))
+            chunks.append(self._chunk(choice_json(stream.index, prompt, stream.echo, None)))
             stream.echo_sent, stream.offset = True, len(prompt)
         if stream.parts:
             text = "".join(stream.parts)
@@ -323,13 +317,20 @@ class CompletionStream:
             chunks.append(self._chunk(choice_json(stream.index, text, logprobs, None)))
         return chunks
 
+    def _echo(self, p: int, scored: ScoreResult | None) -> str:
+        """Prompt p's logprobs object as echoed, encoded by the first of its choices to ask."""
+        if self.plan.logprobs is None:
+            return "null"
+        if p not in self._echoed:
+            self._echoed[p] = Columns.of(prompt_entries(self.plan.prompts[p], scored), 0).object()
+        return self._echoed[p]
+
     async def _read(self, stream: _ChoiceStream, scoring: asyncio.Future[Any]) -> None:
         """Collect one choice's characters and its end, waking the stream for each."""
         try:
             if self.plan.echo:  # shielded: the choices of one prompt share its scoring
                 scored = await asyncio.shield(scoring) if self.plan.logprobs is not None else None
-                prompt = self.plan.prompts[stream.index // self.plan.n]
-                stream.echo = prompt_entries(prompt, scored) if self.plan.logprobs is not None else []
+                stream.echo = self._echo(stream.index // self.plan.n, scored)
                 self._news.set()
             gen = self.work.gens[stream.index]
             if gen is not None:

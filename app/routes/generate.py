@@ -16,7 +16,7 @@ from app.errors import SHUT_DOWN, ApiError, refusal, shut_down_error
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from app.sse import ServerSentEvent, sse_content, sse_response
 from charlm.handles import Generation
-from charlm.request import EngineClosedError, GenerationFailed, GenerationRequest, GenerationResult, QueueFullError
+from charlm.request import EngineClosedError, GenerationFailed, GenerationRequest, QueueFullError
 from charlm.sampling import InvalidParameter, SamplingParams
 
 router = APIRouter(tags=["generate"], dependencies=[Authorized], responses=ERROR_RESPONSES)
@@ -40,12 +40,6 @@ async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) 
 Submitted = Annotated[Generation, Depends(submitted)]
 
 
-def _record(request: Request, result: GenerationResult) -> None:
-    metrics = request.app.state.metrics
-    metrics.chars.inc(result.usage.generated_chars)
-    metrics.finished.labels(result.finish_reason).inc()
-
-
 @router.post("/generate", response_model=GenerateResponse, summary="Continue a seed text")
 async def generate(request: Request, gen: Submitted) -> GenerateResponse:
     """The seed plus `length` sampled characters (fewer if a stop string or the timeout ends it)."""
@@ -59,7 +53,7 @@ async def generate(request: Request, gen: Submitted) -> GenerateResponse:
     finally:
         watcher.cancel()
         gen.cancel()  # no-op when finished; frees the row if this handler itself was cancelled
-    _record(request, result)
+    request.app.state.metrics.record(result)
     return GenerateResponse.model_validate(result, from_attributes=True)
 
 
@@ -100,7 +94,7 @@ async def _events(request: Request, gen: Generation) -> AsyncGenerator[ServerSen
     finally:
         watcher.cancel()
         gen.cancel()  # no-op when finished; frees the row when the client went away
-    _record(request, result)
+    request.app.state.metrics.record(result)
     yield ServerSentEvent(
         data={"finish_reason": result.finish_reason, "random_seed": result.random_seed,
               "usage": dataclasses.asdict(result.usage), "timings": dataclasses.asdict(result.timings)},

@@ -21,9 +21,9 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from app.auth import Authorized
-from app.budget import BudgetExhausted, Lease
-from app.deps import EngineDep, cancel_on_disconnect, served_model_id
-from app.errors import ApiError, budget_refusal
+from app.budget import Lease
+from app.deps import EngineDep, cancel_on_disconnect, logprob_lease, served_model_id
+from app.errors import ApiError
 from app.openai_api.plan import Plan, PlanLimits, plan_of
 from app.openai_api.protocol import OPENAI_ERROR_RESPONSES, Completion, CompletionRequest, Model, ModelList
 from app.openai_api.serving import (
@@ -33,7 +33,6 @@ from app.openai_api.serving import (
     completion_body,
     engine_error,
     outcome,
-    record,
     submit,
 )
 from app.sse import ServerSentEvent, sse_content, sse_response
@@ -115,10 +114,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     settings = state.settings
     plan = plan_of(body, check_model(request, body.model), engine.vocab,
                    PlanLimits(settings.max_choices, settings.max_logprob_values))
-    try:
-        lease = state.logprob_budget.take(plan.logprob_values())
-    except BudgetExhausted as exc:
-        raise budget_refusal(exc, state.metrics) from None
+    lease = logprob_lease(request, plan.logprob_values())
     try:
         return await _respond(plan, body.stream, request, engine, lease)
     except BaseException:  # refused, failed or cancelled before a response took the lease over
@@ -145,7 +141,7 @@ async def _respond(plan: Plan, stream: bool | None, request: Request, engine: En
         watcher.cancel()
         work.cancel()  # no-op when finished; frees the rows if this handler itself was cancelled
     for result in results:
-        record(state.metrics, result)
+        state.metrics.record(result)
     return StreamingResponse(_released(completion_body(plan, header, scored, results), lease.release),
                              media_type="application/json", background=BackgroundTask(lease.release))
 

@@ -11,11 +11,10 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from app.auth import Authorized
-from app.budget import BudgetExhausted, Lease
-from app.deps import EngineDep, cancel_on_disconnect
+from app.budget import Lease
+from app.deps import EngineDep, cancel_on_disconnect, logprob_lease
 from app.errors import (
     ApiError,
-    budget_refusal,
     refusal,
     scoring_stopped_error,
     shut_down_error,
@@ -54,14 +53,6 @@ async def scored(request: Request, scoring: Scoring) -> ScoreResult:
         scoring.cancel()  # no-op when finished; frees the engine's work if this handler was cancelled
 
 
-def _lease(request: Request, values: int) -> Lease:
-    """The scoring's share of the server's bound on held log-probabilities (app/budget.py)."""
-    try:
-        return request.app.state.logprob_budget.take(values)
-    except BudgetExhausted as exc:
-        raise budget_refusal(exc, request.app.state.metrics) from None
-
-
 @router.post("/score", response_model=ScoreResponse, summary="Score a text: bits per character and per-character "
              "log-probabilities")
 async def score(body: ScoreRequest, request: Request, engine: EngineDep) -> StreamingResponse:
@@ -69,7 +60,7 @@ async def score(body: ScoreRequest, request: Request, engine: EngineDep) -> Stre
     carried over the whole text, as `charlm eval` computes held-out bpc (and with the same result).
     The first character is context only: the model has no start-of-text token to predict it from.
     Long texts are scored in chunks between other requests' decode steps, so they never stall them."""
-    lease = _lease(request, len(body.text) * (1 + body.top_k) if body.per_char else 0)
+    lease = logprob_lease(request, len(body.text) * (1 + body.top_k) if body.per_char else 0)
     try:
         result = await scored(request, submit_score(engine, request, body.text, body.top_k))
     except BaseException:
