@@ -1,7 +1,7 @@
-"""`python -m app`: serve a checkpoint (what `charlm serve` hands over to, and the image runs).
+"""`python -m app`: serve models (what `charlm serve` hands over to, and the image runs).
 
-The checkpoint is loaded before the server starts, so a bad file or setting fails in one line
-instead of a server traceback.
+The default model is loaded once before the server starts, so a bad file or setting fails in one
+line instead of a server traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ log = logging.getLogger("charlm")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="charlm serve", description="Serve a checkpoint over HTTP; every setting "
                                 "also comes from CHARLM_* environment variables (see the README).")
-    p.add_argument("--checkpoint", help="default: $CHARLM_CHECKPOINT or the shipped model")
+    p.add_argument("--models", help="directories of *.safetensors and/or id=path pairs, comma-separated "
+                   "(default: $CHARLM_MODELS or the shipped models/)")
+    p.add_argument("--checkpoint", help="serve this one model file (default: $CHARLM_CHECKPOINT)")
+    p.add_argument("--default-model", help="the model requests without `model` get")
     p.add_argument("--host", help="default: $CHARLM_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $CHARLM_PORT or 8000")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: $CHARLM_DEVICE or auto)")
@@ -41,21 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _settings(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    from app.registry import ModelRegistry, ModelUnavailable, UnknownModel
     from app.server import serve
-    from charlm.checkpoint import load_checkpoint
-    from charlm.device import resolve_device
-    from charlm.inputs import one_line
 
     try:
-        checkpoint = load_checkpoint(settings.checkpoint, resolve_device(settings.device))
-    except (OSError, ValueError) as exc:
-        print(f"charlm serve: error: {one_line(exc)}", file=sys.stderr)
+        ModelRegistry(settings.registry_config()).check_default()
+    except (ModelUnavailable, UnknownModel) as exc:
+        print(f"charlm serve: error: {exc}", file=sys.stderr)
         return 1
     if settings.api_key is None:
         log.warning("no API key: every route is open (set CHARLM_API_KEY to require Authorization: Bearer <key>)")
     else:
         log.info("API key required: clients send Authorization: Bearer <key>")
-    serve(settings, checkpoint)
+    serve(settings)
     return 0
 
 

@@ -1,17 +1,18 @@
-"""Dependencies shared by routes: the engine and readiness, the served model's id, cancelling on disconnect."""
+"""What routes share: readiness, the model a request names (loaded for it), the log-probability budget,
+cancelling on disconnect."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Request
 
 from app.budget import BudgetExhausted, Lease
 from app.errors import ApiError, budget_refusal
-from charlm.engine import Engine
+from app.registry import ModelBusy, ModelRegistry, ModelUnavailable, Served, UnknownModel
 from charlm.handles import Handle
 
 
@@ -20,20 +21,36 @@ def not_ready_reason(state: Any) -> str | None:
     if state.draining:
         return "shutting down"
     if not state.ready:
-        return "the model is still loading"
+        return "the models are still loading"
     return None
 
 
-def ready_engine(request: Request) -> Engine:
-    """The engine, or 503 while loading, warming up or draining for shutdown."""
+@asynccontextmanager
+async def model_for(request: Request, model_id: str | None) -> AsyncIterator[Served]:
+    """The model a request names (the default when None), loaded if need be (the wait counts in the
+    request's queue time) and pinned while the block submits its work. Errors in the route's shape:
+    404 for an unknown model (the ids there are listed), 503 while not ready, for a model that does
+    not load (the checkpoint's own error), or while there is no room to load it."""
     reason = not_ready_reason(request.app.state)
     if reason:
         raise ApiError(503, f"not ready: {reason}", headers={"Retry-After": "1"})
-    engine: Engine = request.app.state.engine
-    return engine
+    models: ModelRegistry = request.app.state.models
+    try:
+        async with models.use(model_id) as served:
+            yield served
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), param="model", code="model_not_found",
+                       details=[{"field": "model", "message": "no such model"}]) from None
+    except ModelUnavailable as exc:
+        raise ApiError(503, f"model '{model_id or models.default}' is unavailable: {exc}", param="model",
+                       code="model_unavailable") from None
+    except ModelBusy as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": "1"}, param="model", code="model_busy") from None
 
 
-EngineDep = Annotated[Engine, Depends(ready_engine)]
+def version_headers(served: Served) -> dict[str, str]:
+    """Which model and weights made a response, on every response that used one."""
+    return {"X-Charlm-Model": served.id, "X-Charlm-Model-Version": served.version}
 
 
 def logprob_lease(request: Request, values: int) -> Lease:
@@ -44,11 +61,6 @@ def logprob_lease(request: Request, values: int) -> Lease:
     except BudgetExhausted as exc:
         raise budget_refusal(exc, request.app.state.metrics) from None
     return lease
-
-
-def served_model_id(request: Request) -> str:
-    """The id clients name the served model by (OpenAI's `model`): the checkpoint file's stem."""
-    return Path(request.app.state.settings.checkpoint).stem
 
 
 async def _until_disconnected(request: Request) -> None:

@@ -1,12 +1,14 @@
-"""create_app(settings): the FastAPI application. The lifespan loads the checkpoint and starts the engine."""
+"""create_app(settings): the FastAPI application. The lifespan finds the models, loads those to preload and
+sets up reloading; app.state.models (app/registry.py) serves them."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,28 +16,19 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, handlers
 from app.budget import LogprobBudget
 from app.metrics import Metrics
+from app.registry import ModelRegistry, ModelUnavailable
 from app.routes import docs, generate, health, metrics, openai, playground, score
 from app.settings import Settings
 from charlm import __version__
-from charlm.checkpoint import Checkpoint, load_checkpoint
-from charlm.device import resolve_device
-from charlm.engine import Engine, EngineHooks
-from charlm.request import GenerationRequest
+from charlm.engine import EngineHooks
 
 log = logging.getLogger("charlm")
 STATIC = Path(__file__).parent / "static"
-
-
-def _warm_up(engine: Engine) -> None:
-    """One real generation, so /ready means the whole path works, not just that weights loaded."""
-    seed = "The" if not engine.vocab.unknown("The") else engine.vocab.chars[0]
-    engine.generate(GenerationRequest(seed=seed, length=16, random_seed=0), timeout=60)
 
 
 @asynccontextmanager
@@ -43,24 +36,67 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    ckpt: Checkpoint = app.state.checkpoint or await run_in_threadpool(
-        load_checkpoint, settings.checkpoint, resolve_device(settings.device)
-    )
-    engine = Engine(ckpt.model, ckpt.vocab, settings.limits(), hooks=app.state.engine_hooks)
-    app.state.checkpoint, app.state.engine = ckpt, engine
-    await run_in_threadpool(_warm_up, engine)
-    # What is alive now (torch, FastAPI, the model) lives as long as the process. Frozen, the
+    models = ModelRegistry(settings.registry_config(), hooks=app.state.engine_hooks, metrics=app.state.metrics)
+    app.state.models = models
+    try:
+        await _preload(models, settings.preload)
+    except BaseException:
+        await models.close(0)
+        raise
+    # What is alive now (torch, FastAPI, the models) lives as long as the process. Frozen, the
     # collector stops walking it: a full collection paused the engine's worker for ~120 ms here.
     gc.freeze()
     app.state.ready = True
-    log.info("ready: %s on %s (%d parameters)", settings.checkpoint.name, engine.device, ckpt.model.num_parameters())
-    if engine.device.type == "cpu" and not engine.native:
-        log.warning("charlm._native is not built (no C compiler at install?): decoding on PyTorch alone, slower")
+    background = [asyncio.ensure_future(_keep_alive(models))] if settings.keep_alive else []
+    hangup = _on_sighup(lambda: background.append(asyncio.ensure_future(models.reload_changed())))
     try:
         yield
     finally:
         app.state.ready = False
-        await run_in_threadpool(engine.close, settings.grace_seconds)
+        hangup()
+        for task in background:
+            task.cancel()
+        await models.close(settings.grace_seconds)
+
+
+async def _preload(models: ModelRegistry, which: str) -> None:
+    """CHARLM_PRELOAD: the default model (a failure stops the start: the server would serve nothing
+    by default), or every model (others that fail are listed as unavailable), or none."""
+    if models.default is None:
+        models.check_default()  # says why there is none
+    models.resolve(None)  # an unknown CHARLM_DEFAULT_MODEL is an error at start
+    if which == "none":
+        return
+    served = await models.load(models.resolve(None))
+    log.info("ready: default model %s version %s on %s (%d parameters)", served.id, served.version,
+             served.engine.device, served.checkpoint.model.num_parameters())
+    if served.engine.device.type == "cpu" and not served.engine.native:
+        log.warning("charlm._native is not built (no C compiler at install?): decoding on PyTorch alone, slower")
+    if which == "all":
+        for model_id in [m for m in models.ids() if m != models.default][: models.config.max_loaded - 1]:
+            try:
+                await models.load(model_id)
+            except ModelUnavailable:
+                pass  # logged; listed as unavailable with why
+
+
+async def _keep_alive(models: ModelRegistry) -> None:
+    assert models.config.keep_alive is not None
+    while True:
+        await asyncio.sleep(min(models.config.keep_alive / 4, 5.0))
+        await models.unload_idle()
+
+
+def _on_sighup(reload: Callable[[], object]) -> Callable[[], None]:
+    """SIGHUP reloads every model whose file changed (where the loop can take signals: the main
+    thread, as under uvicorn). Returns what removes the handler."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread (a test client)
+        return lambda: None
+    log.info("SIGHUP reloads every loaded model whose file changed")
+    return lambda: None if loop.remove_signal_handler(signal.SIGHUP) else None
 
 
 class BodyLimit:
@@ -179,11 +215,8 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
-def create_app(
-    settings: Settings | None = None, checkpoint: Checkpoint | None = None, engine_hooks: EngineHooks | None = None
-) -> FastAPI:
-    """The service. `checkpoint` may be preloaded (the CLI checks it before starting the server);
-    `engine_hooks` reach inside the engine's worker (tests inject faults with them)."""
+def create_app(settings: Settings | None = None, engine_hooks: EngineHooks | None = None) -> FastAPI:
+    """The service. `engine_hooks` reach inside every model's engine (tests inject faults with them)."""
     settings = settings or Settings()
     app = FastAPI(
         title="charlm",
@@ -194,9 +227,9 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings, app.state.checkpoint, app.state.engine_hooks = settings, checkpoint, engine_hooks
-    app.state.engine, app.state.ready, app.state.draining = None, False, False
-    app.state.metrics = Metrics(lambda: app.state.engine)
+    app.state.settings, app.state.engine_hooks = settings, engine_hooks
+    app.state.models, app.state.ready, app.state.draining = None, False, False
+    app.state.metrics = Metrics(lambda: app.state.models.loaded() if app.state.models else [])
     app.state.logprob_budget = LogprobBudget(settings.max_logprob_values_held)
     handlers.install(app)
     for module in (generate, score, openai, health, metrics, docs, playground):

@@ -22,6 +22,8 @@ class GenerateRequest(BaseModel):
         },
     )
 
+    model: str | None = Field(None, max_length=1000, description="the model's id (GET /v1/models lists them); "
+                              "default: the server's default model")
     seed: str = Field(min_length=1, description="start text; every character must be in the model's vocabulary")
     length: int = Field(DEFAULT_LENGTH, ge=1, strict=True,
                         description="characters to generate (the server's limit is max_length on /info)")
@@ -65,6 +67,8 @@ class GenerateResponse(BaseModel):
     random_seed: int
     usage: Usage
     timings: Timings
+    model: str = Field(description="the model that made the text")
+    model_version: str = Field(description="its version: the start of its file's sha256")
 
 
 class ScoreRequest(BaseModel):
@@ -75,6 +79,8 @@ class ScoreRequest(BaseModel):
         json_schema_extra={"examples": [{"text": "The engineer looked at the sea.", "top_k": 3}]},
     )
 
+    model: str | None = Field(None, max_length=1000, description="the model's id (GET /v1/models lists them); "
+                              "default: the server's default model")
     text: str = Field(min_length=2, description="the text to score: at least 2 characters (the first is the context "
                       "the second is predicted from), at most max_score_chars on /info, all in the vocabulary")
     top_k: int = Field(0, ge=0, le=MAX_LOGPROBS, strict=True,
@@ -108,7 +114,7 @@ class ScoreResponse(BaseModel):
             {"char": "h", "logprob": -0.8512, "top": [{"char": "h", "logprob": -0.8512}]},
             {"char": "e", "logprob": -2.3509, "top": [{"char": "o", "logprob": -0.4197}]},
         ],
-        "timings": {"queue_ms": 0.2, "score_ms": 3.1},
+        "timings": {"queue_ms": 0.2, "score_ms": 3.1}, "model": "mysterious_island", "model_version": "5f0c1e2a9b7d",
     }]})
 
     bits_per_char: float = Field(description="-logprob / chars / ln 2: what `charlm eval` reports as bpc")
@@ -116,6 +122,8 @@ class ScoreResponse(BaseModel):
     logprob: float = Field(description="their summed log-probability, in nats")
     per_char: list[CharScore] | None = Field(description="every character of the text, in order (with per_char)")
     timings: ScoreTimings
+    model: str = Field(description="the model that scored the text")
+    model_version: str = Field(description="its version: the start of its file's sha256")
 
 
 class ErrorBody(BaseModel):
@@ -136,6 +144,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "request body too large",
         422: "invalid request: the field and the limit are named",
         429: "queue full; retry after the Retry-After seconds",
-        503: "not ready (loading, warming up or shutting down)",
+        404: "no such model: the models there are are listed",
+        503: "not ready (loading, warming up or shutting down), or the model does not load",
     }.items()
 }

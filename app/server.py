@@ -20,7 +20,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.main import create_app
 from app.settings import Settings
-from charlm.checkpoint import Checkpoint
 
 log = logging.getLogger("charlm")
 
@@ -62,8 +61,8 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = self.force_exit = True
 
     def _stop(self, grace: float) -> None:
-        engine = self.fastapi_app.state.engine
-        if engine is not None:
+        models = self.fastapi_app.state.models
+        for engine in models.engines() if models is not None else []:
             threading.Thread(target=engine.close, args=(grace,), daemon=True).start()
         self.should_exit = True
 
@@ -208,6 +207,6 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     return config
 
 
-def serve(settings: Settings, checkpoint: Checkpoint | None = None) -> None:
-    app = create_app(settings, checkpoint)
+def serve(settings: Settings) -> None:
+    app = create_app(settings)
     DrainingServer(uvicorn_config(app, settings), app, settings).run()

@@ -1,4 +1,5 @@
-"""Every setting of the service, from CHARLM_* environment variables, with defaults that serve models/.
+"""Every setting of the service, from CHARLM_* environment variables, with defaults that serve every
+model in the repository's models/.
 
 Per-request limits take their defaults from the engine's EngineLimits (their one home); the
 connection settings are handed to uvicorn as they are.
@@ -7,20 +8,34 @@ connection settings are handed to uvicorn as they are.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.registry import MODEL_ID, RegistryConfig, model_id_for
 from charlm.request import MAX_LOGPROBS, EngineLimits
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "mysterious_island.safetensors"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 _LIMITS = EngineLimits()
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARLM_", extra="ignore")
 
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors model to serve")
+    models: str | None = Field(None, description="comma-separated directories of *.safetensors models (each "
+                               "named by its file's stem) and id=path pairs; default: the repository's models/")
+    checkpoint: Path | None = Field(None, description="one .safetensors model to serve (with CHARLM_MODELS: one more)")
+    default_model: str | None = Field(None, description="the model a request without `model` gets (default: "
+                                      "CHARLM_CHECKPOINT's, else mysterious_island if there, else the first id)")
+    preload: Literal["default", "all", "none"] = Field("default", description="models loaded at start")
+    max_loaded: int = Field(4, ge=1, description="models in memory at once; the least recently used idle one "
+                            "is unloaded to make room")
+    keep_alive: float | None = Field(None, gt=0, description="seconds a model other than the default stays "
+                                     "loaded while idle (default: until evicted)")
+    max_model_mb: int = Field(512, ge=1, description="model files larger than this are not loaded")
+    admin_key: SecretStr | None = Field(None, description="enables /admin/models/...: send Authorization: "
+                                        "Bearer <admin key> (a key of its own, not the API key)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_length: int = Field(_LIMITS.max_length, ge=1, description="characters generated per request, at most")
     max_seed_chars: int = Field(_LIMITS.max_seed_chars, ge=1, description="characters of seed text per request")
@@ -53,13 +68,57 @@ class Settings(BaseSettings):
     send_timeout: float = Field(60.0, gt=0, le=3600,
                                 description="seconds a response may wait for its client to read before it is cut off")
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
-    def _no_empty_key(cls, key: SecretStr | None) -> SecretStr | None:
+    def _no_empty_key(cls, key: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         """An empty key would switch authentication off without anyone deciding so: refuse it."""
         if key is not None and not key.get_secret_value().strip():
-            raise ValueError("CHARLM_API_KEY is set but empty: set a key, or unset it to serve without one")
+            raise ValueError(f"CHARLM_{str(info.field_name).upper()} is set but empty: set a key, or unset it")
         return key
+
+    @model_validator(mode="after")
+    def _admin_key_is_its_own(self) -> Settings:
+        """The API key is handed to every client; a shared one would let any client unload models."""
+        if self.admin_key is not None and self.api_key is not None and (
+                self.admin_key.get_secret_value() == self.api_key.get_secret_value()):
+            raise ValueError("CHARLM_ADMIN_KEY must differ from CHARLM_API_KEY")
+        return self
+
+    @model_validator(mode="after")
+    def _models_parse(self) -> Settings:
+        self.model_sources()
+        if self.default_model is not None and not MODEL_ID.fullmatch(self.default_model):
+            raise ValueError(f"CHARLM_DEFAULT_MODEL {self.default_model!r} is not a model id "
+                             f"(letters, digits, '.', '_', '-')")
+        return self
+
+    def model_sources(self) -> tuple[tuple[Path, ...], dict[str, Path]]:
+        """(directories, id -> file) from CHARLM_MODELS and CHARLM_CHECKPOINT; ValueError naming a bad item."""
+        directories: list[Path] = []
+        files: dict[str, Path] = {}
+        items = [i.strip() for i in (self.models or "").split(",") if i.strip()]
+        for item in items:
+            model_id, eq, path = item.partition("=")
+            if not eq:
+                directories.append(Path(item))
+                continue
+            if not MODEL_ID.fullmatch(model_id.strip()):
+                raise ValueError(f"CHARLM_MODELS: {model_id.strip()!r} is not a model id (letters, digits, "
+                                 "'.', '_', '-'; first a letter or digit)")
+            files[model_id.strip()] = Path(path.strip())
+        if self.checkpoint is not None:
+            files.setdefault(model_id_for(self.checkpoint), self.checkpoint)
+        if self.models is None and self.checkpoint is None:
+            directories.append(MODELS_DIR)
+        return tuple(directories), files
+
+    def registry_config(self) -> RegistryConfig:
+        directories, files = self.model_sources()
+        default = self.default_model or (model_id_for(self.checkpoint) if self.checkpoint is not None else None)
+        return RegistryConfig(directories=directories, files=files, default=default, device=self.device,
+                              limits=self.limits(), max_loaded=self.max_loaded, keep_alive=self.keep_alive,
+                              max_model_bytes=self.max_model_mb * 2**20, load_timeout=self.request_timeout,
+                              retire_grace=self.request_timeout)
 
     @model_validator(mode="after")
     def _held_covers_one(self) -> Settings:

@@ -82,8 +82,8 @@ async def _encoded(events: AsyncGenerator[ServerSentEvent, None], ping_seconds: 
 
 
 def sse_response(events: AsyncGenerator[ServerSentEvent, None], background: BackgroundTask | None = None,
-                 ping_seconds: float = PING_SECONDS) -> EventSourceResponse:
+                 ping_seconds: float = PING_SECONDS, headers: dict[str, str] | None = None) -> EventSourceResponse:
     """A text/event-stream response of `events`, unbuffered by proxies that honour X-Accel-Buffering;
     `background` runs once it is sent."""
     return EventSourceResponse(_encoded(events, ping_seconds), background=background,
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})

@@ -25,7 +25,8 @@ from charlm.model import CharLSTM, ModelConfig
 from charlm.request import is_int
 from charlm.vocab import Vocab
 
-__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_safetensors"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointHeader", "load_checkpoint", "read_header", "read_safetensors",
+           "save_checkpoint"]
 
 FORMAT = "1"
 FIX = "train a model with `charlm train` or point to a file it wrote"
@@ -67,6 +68,20 @@ class Checkpoint:
         guard that reports a crash while reading as a damaged file."""
         self.model.to(device)
         return self
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What a checkpoint holds, as its header says (checked as loading checks it): enough to list and
+    choose a model without reading its weights."""
+
+    config: ModelConfig
+    vocab: Vocab
+    train: dict[str, Any]
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(shape) for shape in expected_shapes(self.config).values())
 
 
 def save_checkpoint(
@@ -262,24 +277,38 @@ def _read_weights(path: Path, f: Any, names: list[str]) -> dict[str, torch.Tenso
     return tensors
 
 
+def _header(path: Path, f: Any) -> CheckpointHeader:
+    """The checked header of an open checkpoint: metadata parsed, every tensor's name, shape and dtype
+    matching the config. Nothing is read beyond the header."""
+    metadata = f.metadata() or {}
+    if metadata.get("charlm.format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a charlm checkpoint (format "
+            f"{metadata.get('charlm.format')!r}, expected {FORMAT!r}); it lacks the charlm metadata; {FIX}"
+        )
+    vocab = _parse_vocab(path, metadata)
+    config = _parse_config(path, metadata, len(vocab))
+    train = _parse_train(path, metadata)
+    _check_layout(path, f, expected_shapes(config))
+    return CheckpointHeader(config, vocab, train)
+
+
+def read_header(path: str | Path) -> CheckpointHeader:
+    """A checkpoint's header, checked, without reading its weights (listing models costs little)."""
+    path = Path(path)
+    with _safe_open(path) as f:
+        return _header(path, f)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint onto `device`, in eval mode; anything wrong with the file is a one-line
     CheckpointError. A caller that reports crashes while reading as a damaged file (charlm.inputs.input_errors)
     loads onto the CPU inside that guard and calls Checkpoint.to(device) outside it."""
     path = Path(path)
     with _safe_open(path) as f:
-        metadata = f.metadata() or {}
-        if metadata.get("charlm.format") != FORMAT:
-            raise CheckpointError(
-                f"{path} is a safetensors file but not a charlm checkpoint (format "
-                f"{metadata.get('charlm.format')!r}, expected {FORMAT!r}); it lacks the charlm metadata; {FIX}"
-            )
-        vocab = _parse_vocab(path, metadata)
-        config = _parse_config(path, metadata, len(vocab))
-        train = _parse_train(path, metadata)
-        expected = expected_shapes(config)
-        _check_layout(path, f, expected)
-        tensors = _read_weights(path, f, list(expected))
+        header = _header(path, f)
+        tensors = _read_weights(path, f, list(expected_shapes(header.config)))
+    config, vocab, train = header.config, header.vocab, header.train
     model = CharLSTM(config)
     try:
         model.load_state_dict(tensors)

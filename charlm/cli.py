@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-SERVE_OPTIONS = ("checkpoint", "host", "port", "device")  # forwarded to `python -m app` when given
+SERVE_OPTIONS = ("models", "checkpoint", "default_model", "host", "port", "device")  # forwarded to `python -m app`
 
 
 def _int(value: str) -> int:
@@ -227,7 +227,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="default: $CHARLM_CHECKPOINT or the shipped model")
+    p.add_argument("--models", help="directories of *.safetensors and/or id=path pairs, comma-separated "
+                   "(default: $CHARLM_MODELS or the shipped models/)")
+    p.add_argument("--checkpoint", help="serve this one model file (default: $CHARLM_CHECKPOINT)")
+    p.add_argument("--default-model", help="the model requests without `model` get")
     p.add_argument("--host", help="default: $CHARLM_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $CHARLM_PORT or 8000")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: $CHARLM_DEVICE or auto)")
@@ -236,7 +239,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 def _serve_argv(args: argparse.Namespace) -> list[str]:
     """`python -m app` with the options that were given (the others keep the service's own defaults)."""
     forwarded = [part for name in SERVE_OPTIONS if getattr(args, name) is not None
-                 for part in (f"--{name}", str(getattr(args, name)))]
+                 for part in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
     return [sys.executable, "-m", "app", *forwarded]
 
 
@@ -254,7 +257,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "train": ("train a model on a text file or URL (on several processes: under torchrun)", _add_train, _cmd_train),
     "eval": ("held-out bits per character of a checkpoint on a corpus", _add_eval, _cmd_eval),
     "generate": ("continue a seed text", _add_generate, _cmd_generate),
-    "serve": ("serve a checkpoint over HTTP (settings also from CHARLM_* variables)", _add_serve, _cmd_serve),
+    "serve": ("serve models over HTTP (settings also from CHARLM_* variables)", _add_serve, _cmd_serve),
 }
 
 

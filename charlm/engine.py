@@ -1,4 +1,7 @@
-"""The generation engine: one worker thread owns the model and decodes all requests together.
+"""The generation engine: a worker thread owns the model and decodes all its requests together.
+
+The thread is a scheduler's (charlm/scheduler.py), shared by the engines of every loaded model and
+taking turns between them; an engine made without one gets a scheduler of its own.
 
 Each step the worker admits waiting requests (prefilling their seeds), runs one batched LSTM step
 for every active row, samples each row from its own random stream, hands each character to its
@@ -47,6 +50,7 @@ from charlm.request import (
     validate_score,
 )
 from charlm.sampling import RowSampler, SamplingParams, new_random_seed, sample_batch
+from charlm.scheduler import Scheduler
 from charlm.stopping import StopStrings
 from charlm.vocab import Vocab
 
@@ -92,9 +96,10 @@ class Engine:
     """Continuous-batching text generation (and scoring) over one model, on CPU or CUDA."""
 
     def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None, use_native: bool = True,
-                 hooks: EngineHooks | None = None):
+                 hooks: EngineHooks | None = None, scheduler: Scheduler | None = None):
         """`use_native=False` runs on PyTorch alone even where the native kernels are built; `hooks`
-        act inside the worker (see EngineHooks)."""
+        act inside the worker (see EngineHooks); `scheduler` is the worker shared with other models'
+        engines (charlm/scheduler.py), else the engine gets one of its own."""
         self.model = model.eval()
         self.vocab = vocab
         self.limits = limits or EngineLimits()
@@ -109,20 +114,26 @@ class Engine:
         self._rows: list[Row] = []
         self._asking = 0  # rows of self._rows that want logprobs: while 0, a step computes none
         self._prefilling: collections.deque[Job] = collections.deque()
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._accepting = True
         self._unfinished = 0  # jobs submitted and not yet finished, wherever they are
-        self._stop = False
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()  # finish counters are also written by withdrawing consumers
-        self._thread = threading.Thread(target=self._run, name="charlm-engine", daemon=True)
-        self._thread.start()
+        self._owns_scheduler = scheduler is None
+        self._scheduler = scheduler or Scheduler()
+        self._scheduler.add(self)
+        self._closed = False
 
     # --- public API ---
     @property
     def native(self) -> bool:
         """Whether decoding runs in the compiled kernels (else PyTorch alone, several times slower)."""
         return self._decoder.kernels is not None
+
+    @property
+    def unfinished(self) -> int:
+        """Requests submitted and not yet finished, queued or running: 0 means the engine is idle."""
+        return self._unfinished
 
     @property
     def queue_depth(self) -> int:
@@ -171,7 +182,7 @@ class Engine:
                 handle._on_finish = self._finished_one
             self._unfinished += len(handles)
             self._waiting.extend(handles)
-            self._lock.notify()
+        self._scheduler.wake()  # after the lock: the scheduler takes its own, then ours
 
     def _finished_one(self) -> None:
         with self._lock:
@@ -192,17 +203,21 @@ class Engine:
         left with EngineClosedError and stop. Safe to call again (later calls return once stopped)."""
         with self._lock:
             self._accepting = False
-            self._lock.notify()
         end = time.monotonic() + grace
         # Counted from submission to finish: a job between the queue and its row is in flight too.
-        while self._unfinished and time.monotonic() < end and self._thread.is_alive():
+        while self._unfinished and time.monotonic() < end and self._scheduler.alive:
             time.sleep(0.01)
-        with self._lock:
-            self._stop = True
-            self._lock.notify()
-        self._thread.join(timeout=max(grace, 1.0))
+        self._scheduler.remove(self, timeout=max(grace, 1.0))
+        if self._owns_scheduler:
+            self._scheduler.close()
+        self._closed = True
 
-    def _busy(self) -> bool:
+    @property
+    def closed(self) -> bool:
+        """Closed and out of its scheduler: nothing of it runs any more."""
+        return self._closed
+
+    def has_work(self) -> bool:
         return bool(self._rows or self._waiting or self._prefilling)
 
     def __enter__(self) -> Engine:
@@ -211,26 +226,24 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # --- worker ---
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self._stop and not self._busy():
-                        self._lock.wait()
-                    if self._stop:
-                        break
-                self._admit()
-                if self._rows:
-                    self._step()
+    # --- worker (called by the scheduler, on its thread) ---
+    def run_once(self) -> None:
+        """One iteration: admit and prefill a budget of waiting work, then one decode step."""
+        self._admit()
+        if self._rows:
+            self._step()
+
+    def end_all(self, error: BaseException) -> None:
+        """Finish every request still held, queued or running, with `error` (shutdown, or a failure
+        of the engine itself)."""
         unfinished: list[Handle[Any]] = [row.gen for row in self._rows]
         unfinished += [handle for job in self._prefilling for handle in job.handles]
         with self._lock:
             unfinished += self._waiting
             self._waiting.clear()
         for handle in unfinished:
-            self._count("cancelled")
-            handle._finish(None, EngineClosedError("the engine shut down before this request finished"))
+            self._count("cancelled" if isinstance(error, EngineClosedError) else "failed")
+            handle._finish(None, error)
         self._rows.clear()
         self._asking = 0
         self._prefilling.clear()

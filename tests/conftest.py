@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from charlm.checkpoint import Checkpoint, load_checkpoint
+from charlm.engine import Engine
 from charlm.train import train
 from charlm.train_config import TrainConfig
 
@@ -58,3 +60,11 @@ def tiny_checkpoint_path(corpus_path: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def tiny(tiny_checkpoint_path: Path) -> Checkpoint:
     return load_checkpoint(tiny_checkpoint_path)
+
+
+def default_engine(app: Any) -> Engine:
+    """The engine of a running app's default model (loaded at start)."""
+    served = app.state.models.served(app.state.models.default)
+    assert served is not None, "the default model is not loaded"
+    engine: Engine = served.engine
+    return engine

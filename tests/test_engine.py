@@ -447,7 +447,7 @@ def test_close_lets_in_flight_work_finish_within_the_grace(tiny: Checkpoint) -> 
     gens = [eng.submit(GenerationRequest("The ", length=300, random_seed=s)) for s in range(3)]
     eng.close(grace=600)  # returns as soon as the work is done, long before the grace ends
     assert [g.result(timeout=1).finish_reason for g in gens] == ["length"] * 3
-    assert not eng._thread.is_alive()
+    assert eng.closed and not eng._scheduler.alive
 
 
 def test_close_waits_for_a_job_between_the_queue_and_its_row(tiny: Checkpoint) -> None:
@@ -475,7 +475,7 @@ def test_shutdown_with_work_in_flight(tiny: Checkpoint) -> None:
     assert short.result(timeout=60).finish_reason == "length"
     endless = [eng.submit(GenerationRequest("The ", length=ENDLESS)) for _ in range(3)]  # 2 decode, 1 waits
     eng.close(grace=0.2)  # the endless work cannot finish: the grace runs out whatever the machine's speed
-    assert not eng._thread.is_alive()
+    assert eng.closed and not eng._scheduler.alive
     for gen in endless:  # each ends with an error its caller can report, decoding or still queued
         with pytest.raises(EngineClosedError):
             gen.result(timeout=1)

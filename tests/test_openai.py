@@ -15,6 +15,7 @@ from app.main import create_app
 from charlm.checkpoint import Checkpoint
 from charlm.engine import EngineHooks
 from charlm.request import GenerationRequest
+from tests.conftest import default_engine
 from tests.test_engine import ENDLESS, greedy, hold_the_row
 from tests.test_service import explode_seed_99, settings_for
 
@@ -311,7 +312,7 @@ def test_api_key_as_bearer_and_401_in_openais_shape(tiny_checkpoint_path: Path) 
 def test_not_ready_and_queue_full_in_openais_shape(tiny_checkpoint_path: Path) -> None:
     app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=ENDLESS))
     with TestClient(app) as c:
-        engine = app.state.engine
+        engine = default_engine(app)
         running = hold_the_row(engine)
         waiting = engine.submit(GenerationRequest("The ", length=5))
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 5})

@@ -15,7 +15,7 @@ from charlm.checkpoint import Checkpoint
 from charlm.cli import main
 from charlm.evaluate import evaluate
 from charlm.text import load_corpus, split_text
-from tests.conftest import make_corpus
+from tests.conftest import default_engine, make_corpus
 from tests.test_service import assert_error, settings_for
 
 
@@ -102,7 +102,7 @@ def test_score_needs_the_api_key_when_one_is_set(tiny_checkpoint_path: Path) -> 
 
 def test_a_long_score_shares_the_engine_with_generation(client: TestClient) -> None:
     text = make_corpus(200, seed=3)[:5000]
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = default_engine(client.app)
     from charlm.request import GenerationRequest, ScoreRequest
 
     scoring = engine.score(ScoreRequest(text))

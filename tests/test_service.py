@@ -20,6 +20,7 @@ from charlm import native
 from charlm.engine import EngineHooks
 from charlm.handles import Generation
 from charlm.request import GenerationRequest
+from tests.conftest import default_engine
 from tests.test_engine import ENDLESS, hold_the_row
 
 
@@ -97,7 +98,7 @@ def test_stream_sends_at_most_one_text_event_per_interval(tiny_checkpoint_path: 
     def text_events(interval_ms: int) -> tuple[list[str], str]:
         app = create_app(settings_for(tiny_checkpoint_path, stream_interval_ms=interval_ms))
         with TestClient(app) as c:
-            engine = app.state.engine
+            engine = default_engine(app)
             before = engine.stats.completed  # the warm-up generation
 
             async def pause_until_done(seconds: float) -> None:
@@ -266,7 +267,7 @@ def test_api_key(tiny_checkpoint_path: Path) -> None:
 def test_queue_full_is_429_with_retry_after(tiny_checkpoint_path: Path) -> None:
     app = create_app(settings_for(tiny_checkpoint_path, max_batch=1, max_queue=1, max_length=ENDLESS))
     with TestClient(app) as c:
-        engine = app.state.engine
+        engine = default_engine(app)
         running = hold_the_row(engine)
         waiting = engine.submit(GenerationRequest("The ", length=5))
         r = c.post("/generate", json={"seed": "The", "length": 5})
@@ -326,10 +327,11 @@ def test_settings_refuse_a_batch_beyond_what_the_decoder_is_checked_for(
     assert Settings(checkpoint=tiny_checkpoint_path).max_batch == 1024
 
 
-def test_missing_checkpoint_stops_startup(tmp_path: Path) -> None:
-    from charlm.checkpoint import CheckpointError
+def test_missing_default_model_stops_startup(tmp_path: Path) -> None:
+    """A server whose default model does not load would serve nothing by default: it does not start."""
+    from app.registry import ModelUnavailable
 
-    with pytest.raises(CheckpointError, match="not found"), TestClient(create_app(settings_for(tmp_path / "x"))):
+    with pytest.raises(ModelUnavailable, match="not found"), TestClient(create_app(settings_for(tmp_path / "x"))):
         pass
 
 

@@ -44,7 +44,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": COMPLETION_EXAMPLES})
 
-    model: str = Field(min_length=1, max_length=512, description="the served model's id, as GET /v1/models lists it")
+    model: str = Field(min_length=1, max_length=512, description="the model's id, as GET /v1/models lists it")
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="the start text, or a list of them (one set of n choices each); token ids are "
         "vocabulary ids, one per character"
@@ -109,7 +109,7 @@ class Completion(BaseModel):
         "model": "mysterious_island",
         "choices": [{"text": " was deserted", "index": 0, "logprobs": None, "finish_reason": "length"}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 13, "total_tokens": 23},
-        "system_fingerprint": None,
+        "system_fingerprint": "fp_5f0c1e2a9b7d",
     }]})
 
     id: str
@@ -122,19 +122,33 @@ class Completion(BaseModel):
 
 
 class Model(BaseModel):
+    """OpenAI's model object, with what a client needs to choose one (OpenAI's clients keep the extra
+    fields: `model.status`, `model.bits_per_char`...)."""
+
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"id": "mysterious_island", "object": "model", "created": 1764531200, "owned_by": "charlm"}
+        {"id": "mysterious_island", "object": "model", "created": 1764531200, "owned_by": "charlm",
+         "status": "loaded", "default": True, "version": "5f0c1e2a9b7d", "parameters": 3477600,
+         "bits_per_char": 1.515, "error": None}
     ]})
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    status: Literal["loaded", "available", "unavailable"] = Field(
+        description="loaded: in memory; available: loads on its first request; unavailable: does not load (see error)")
+    default: bool = Field(description="the model a request without `model` gets")
+    version: str | None = Field(description="the loaded weights' version (their file's sha256, first 12 digits)")
+    parameters: int | None = Field(description="learnt parameters: a measure of its size and speed")
+    bits_per_char: float | None = Field(description="held-out bits per character when it was trained: lower is better")
+    error: str | None = Field(description="why it does not load, when it does not")
 
 
 class ModelList(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [
-        {"id": "mysterious_island", "object": "model", "created": 1764531200, "owned_by": "charlm"}
+        {"id": "mysterious_island", "object": "model", "created": 1764531200, "owned_by": "charlm",
+         "status": "loaded", "default": True, "version": "5f0c1e2a9b7d", "parameters": 3477600,
+         "bits_per_char": 1.515, "error": None}
     ]}]})
 
     object: Literal["list"] = "list"

@@ -193,10 +193,11 @@ class Header:
     id: str
     created: int
     model: str
+    fingerprint: str  # which weights made it (OpenAI's system_fingerprint): the model's version
 
     def fields(self) -> str:
         return (f'"id":{_dumps(self.id)},"object":"text_completion","created":{self.created},'
-                f'"model":{_dumps(self.model)}')
+                f'"model":{_dumps(self.model)},"system_fingerprint":{_dumps(self.fingerprint)}')
 
 
 async def completion_body(plan: Plan, header: Header, scored: Sequence[ScoreResult | None],
@@ -217,7 +218,7 @@ async def completion_body(plan: Plan, header: Header, scored: Sequence[ScoreResu
         yield (("," if c else "") + choice_json(c, text, logprobs, finish_reason(result))).encode()
         await asyncio.sleep(0)
     generated_chars = sum(len(r.generated) for r in results if r is not None)
-    yield f'],"usage":{_dumps(usage(plan, generated_chars))},"system_fingerprint":null}}'.encode()
+    yield f'],"usage":{_dumps(usage(plan, generated_chars))}}}'.encode()
 
 
 # --- streaming ---
@@ -277,7 +278,7 @@ class CompletionStream:
                     if finished and not stream.closed:
                         result, stream.result, stream.closed = stream.result, None, True
                         generated += result.usage.generated_chars if result is not None else 0
-                        self.metrics.record(result)
+                        self.metrics.record(self.header.model, result)
                         yield ServerSentEvent(raw_data=self._chunk(choice_json(stream.index, "", None,
                                                                                finish_reason(result))))
                 if self.interval and not all(s.closed for s in streams):

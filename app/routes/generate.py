@@ -7,42 +7,48 @@ from asyncio import sleep
 from collections.abc import AsyncGenerator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from app.auth import Authorized
-from app.deps import EngineDep, cancel_on_disconnect
+from app.deps import cancel_on_disconnect, model_for, version_headers
 from app.errors import SHUT_DOWN, ApiError, refusal, shut_down_error
+from app.registry import Served
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from app.sse import ServerSentEvent, sse_content, sse_response
 from charlm.handles import Generation
-from charlm.request import EngineClosedError, GenerationFailed, GenerationRequest, QueueFullError
+from charlm.request import EngineClosedError, GenerationFailed, GenerationRequest, GenerationResult, QueueFullError
 from charlm.sampling import InvalidParameter, SamplingParams
 
 router = APIRouter(tags=["generate"], dependencies=[Authorized], responses=ERROR_RESPONSES)
 
 
-async def submitted(body: GenerateRequest, engine: EngineDep, request: Request) -> Generation:
-    """Submit before any response starts, so refusals are proper JSON errors even for streams."""
+async def submitted(body: GenerateRequest, request: Request) -> tuple[Generation, Served]:
+    """Submit to the model the body names before any response starts, so refusals are proper JSON
+    errors even for streams."""
     metrics = request.app.state.metrics
-    try:
-        return engine.submit(
-            GenerationRequest(
-                seed=body.seed, length=body.length, random_seed=body.random_seed, stop=tuple(body.stop),
-                sampling=SamplingParams(body.scale_factor, body.top_k, body.top_p),
-                timeout=request.app.state.settings.request_timeout,
-            )
-        )
-    except (InvalidParameter, QueueFullError, EngineClosedError) as exc:
-        raise refusal(exc, metrics) from None
+    async with model_for(request, body.model) as served:
+        try:
+            return served.engine.submit(
+                GenerationRequest(
+                    seed=body.seed, length=body.length, random_seed=body.random_seed, stop=tuple(body.stop),
+                    sampling=SamplingParams(body.scale_factor, body.top_k, body.top_p),
+                    timeout=request.app.state.settings.request_timeout,
+                )
+            ), served
+        except (InvalidParameter, QueueFullError, EngineClosedError) as exc:
+            raise refusal(exc, metrics) from None
 
 
-Submitted = Annotated[Generation, Depends(submitted)]
+Submitted = Annotated[tuple[Generation, Served], Depends(submitted)]
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Continue a seed text")
-async def generate(request: Request, gen: Submitted) -> GenerateResponse:
-    """The seed plus `length` sampled characters (fewer if a stop string or the timeout ends it)."""
+async def generate(request: Request, response: Response, submission: Submitted) -> GenerateResponse:
+    """The seed plus `length` sampled characters (fewer if a stop string or the timeout ends it),
+    and the model and version that made them."""
+    gen, served = submission
+    response.headers.update(version_headers(served))
     watcher = cancel_on_disconnect(request, [gen])
     try:
         result = await gen.wait()
@@ -53,8 +59,13 @@ async def generate(request: Request, gen: Submitted) -> GenerateResponse:
     finally:
         watcher.cancel()
         gen.cancel()  # no-op when finished; frees the row if this handler itself was cancelled
-    request.app.state.metrics.record(result)
-    return GenerateResponse.model_validate(result, from_attributes=True)
+    request.app.state.metrics.record(served.id, result)
+    return GenerateResponse.model_validate(
+        {**_fields(result), "model": served.id, "model_version": served.version}, from_attributes=True)
+
+
+def _fields(result: GenerationResult) -> dict[str, object]:
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
 
 
 STREAM_EXAMPLE = (
@@ -67,13 +78,15 @@ STREAM_EXAMPLE = (
     "description": "Server-Sent Events: `text` events, then `done` (or `error`)",
     "content": sse_content(STREAM_EXAMPLE),
 }})
-async def generate_stream(request: Request, gen: Submitted) -> EventSourceResponse:
+async def generate_stream(request: Request, submission: Submitted) -> EventSourceResponse:
     """Server-Sent Events: `text` events as characters are sampled, then one `done` event
-    (finish_reason, random_seed, usage, timings), or an `error` event if generation fails."""
-    return sse_response(_events(request, gen))
+    (finish_reason, random_seed, usage, timings, model, model_version), or an `error` event if
+    generation fails."""
+    gen, served = submission
+    return sse_response(_events(request, gen, served), headers=version_headers(served))
 
 
-async def _events(request: Request, gen: Generation) -> AsyncGenerator[ServerSentEvent, None]:
+async def _events(request: Request, gen: Generation, served: Served) -> AsyncGenerator[ServerSentEvent, None]:
     # At most one text event per interval: the first character goes out at once, later ones in
     # pieces (smooth to a reader) instead of an event, a write and a wakeup per character, which
     # held 64 streams to ~2,000 characters/s in all.
@@ -94,9 +107,10 @@ async def _events(request: Request, gen: Generation) -> AsyncGenerator[ServerSen
     finally:
         watcher.cancel()
         gen.cancel()  # no-op when finished; frees the row when the client went away
-    request.app.state.metrics.record(result)
+    request.app.state.metrics.record(served.id, result)
     yield ServerSentEvent(
         data={"finish_reason": result.finish_reason, "random_seed": result.random_seed,
-              "usage": dataclasses.asdict(result.usage), "timings": dataclasses.asdict(result.timings)},
+              "usage": dataclasses.asdict(result.usage), "timings": dataclasses.asdict(result.timings),
+              "model": served.id, "model_version": served.version},
         event="done",
     )

@@ -12,8 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -22,7 +20,7 @@ from starlette.background import BackgroundTask
 
 from app.auth import Authorized
 from app.budget import Lease
-from app.deps import EngineDep, cancel_on_disconnect, logprob_lease, served_model_id
+from app.deps import cancel_on_disconnect, logprob_lease, model_for, version_headers
 from app.errors import ApiError
 from app.openai_api.plan import Plan, PlanLimits, plan_of
 from app.openai_api.protocol import OPENAI_ERROR_RESPONSES, Completion, CompletionRequest, Model, ModelList
@@ -35,8 +33,8 @@ from app.openai_api.serving import (
     outcome,
     submit,
 )
+from app.registry import ModelInfo, Served, UnknownModel
 from app.sse import ServerSentEvent, sse_content, sse_response
-from charlm.engine import Engine
 from charlm.request import EngineClosedError, GenerationFailed, ScoringStopped
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authorized],
@@ -57,46 +55,27 @@ STREAM_RESPONSE: dict[str, Any] = {
 }
 
 
-def _model_card(request: Request) -> Model:
-    return Model(id=served_model_id(request), created=_created(request), owned_by=OWNED_BY)
+def _card(info: ModelInfo) -> Model:
+    return Model(id=info.id, created=info.created, owned_by=OWNED_BY, status=info.status, default=info.default,
+                 version=info.version, parameters=info.header.parameters if info.header else None,
+                 bits_per_char=info.bpc, error=info.error)
 
 
-def _created(request: Request) -> int:
-    """When the served model was made: its training date, else its file's time, else 0 (unknown)."""
-    state = request.app.state
-    date = (state.checkpoint.train or {}).get("date") if state.checkpoint is not None else None
-    if isinstance(date, str):
-        try:
-            return int(datetime.fromisoformat(date).timestamp())
-        except ValueError:
-            pass
-    try:
-        return int(Path(state.settings.checkpoint).stat().st_mtime)
-    except OSError:
-        return 0
-
-
-def check_model(request: Request, model: str) -> str:
-    """The served model's id, or 404 model_not_found naming what is served."""
-    served = served_model_id(request)
-    if model != served:
-        shown = model if len(model) <= 100 else model[:100] + "..."
-        raise ApiError(404, f"The model '{shown}' does not exist: this server serves '{served}' (GET /v1/models)",
-                       param="model", code="model_not_found")
-    return served
-
-
-@router.get("/models", response_model=ModelList, summary="OpenAI: list the served model")
+@router.get("/models", response_model=ModelList, summary="OpenAI: list the models, loaded or not")
 async def list_models(request: Request) -> ModelList:
-    """The one model this server serves; its id is what `model` must say in a completions request."""
-    return ModelList(data=[_model_card(request)])
+    """Every model this server can serve (a model copied into its directory appears here at once):
+    its id is what `model` says in a completions request; `status`, `parameters` and `bits_per_char`
+    help to choose."""
+    return ModelList(data=[_card(info) for info in request.app.state.models.listing()])
 
 
-@router.get("/models/{model_id}", response_model=Model, summary="OpenAI: the served model, by id",
+@router.get("/models/{model_id}", response_model=Model, summary="OpenAI: one model, by id",
             responses={404: OPENAI_ERROR_RESPONSES[404]})
 async def get_model(model_id: str, request: Request) -> Model:
-    check_model(request, model_id)
-    return _model_card(request)
+    try:
+        return _card(request.app.state.models.info(model_id))
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), param="model", code="model_not_found") from None
 
 
 @router.post(
@@ -105,32 +84,40 @@ async def get_model(model_id: str, request: Request) -> Model:
     summary="OpenAI: legacy completions (a character is a token)",
     responses={**OPENAI_ERROR_RESPONSES, 200: STREAM_RESPONSE},
 )
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep) -> Any:
+async def completions(body: CompletionRequest, request: Request) -> Any:
     """OpenAI's `POST /v1/completions`, field for field, over the same engine as `POST /generate`.
     `temperature` 0 is greedy; `echo` with `max_tokens` 0 and `logprobs` scores the prompt (first
     character null, the rest as POST /score). A timed-out request ends with finish_reason "length"
     and the partial text."""
     state = request.app.state
     settings = state.settings
-    plan = plan_of(body, check_model(request, body.model), engine.vocab,
-                   PlanLimits(settings.max_choices, settings.max_logprob_values))
-    lease = logprob_lease(request, plan.logprob_values())
+    async with model_for(request, body.model) as served:
+        plan = plan_of(body, served.id, served.engine.vocab,
+                       PlanLimits(settings.max_choices, settings.max_logprob_values))
+        lease = logprob_lease(request, plan.logprob_values())
+        try:
+            work = submit(plan, served.engine, settings.request_timeout, state.metrics)
+        except BaseException:
+            lease.release()
+            raise
     try:
-        return await _respond(plan, body.stream, request, engine, lease)
-    except BaseException:  # refused, failed or cancelled before a response took the lease over
+        return await _respond(plan, work, body.stream, request, served, lease)
+    except BaseException:  # failed or cancelled before a response took the lease over
         lease.release()
         raise
 
 
-async def _respond(plan: Plan, stream: bool | None, request: Request, engine: Engine, lease: Lease) -> Response:
-    """Submit the plan and answer; the response releases `lease` once it is sent, or its client gone
+async def _respond(plan: Plan, work: Work, stream: bool | None, request: Request, served: Served,
+                   lease: Lease) -> Response:
+    """Answer for submitted work; the response releases `lease` once it is sent, or its client gone
     (the body's own clean-up, and a background task for a response that fails to send)."""
     state, settings = request.app.state, request.app.state.settings
-    work = submit(plan, engine, settings.request_timeout, state.metrics)
-    header = Header(f"cmpl-{uuid.uuid4().hex}", int(time.time()), plan.model)
+    header = Header(f"cmpl-{uuid.uuid4().hex}", int(time.time()), plan.model, served.fingerprint)
+    headers = version_headers(served)
     if stream:
         events = CompletionStream(plan, work, header, settings.stream_interval_ms / 1000, state.metrics).events()
-        return sse_response(_watched(request, work, events, lease.release), BackgroundTask(lease.release))
+        return sse_response(_watched(request, work, events, lease.release), BackgroundTask(lease.release),
+                            headers=headers)
     watcher = cancel_on_disconnect(request, work.handles)
     try:
         scored = await asyncio.gather(*(outcome(s) for s in work.scorings))
@@ -141,9 +128,10 @@ async def _respond(plan: Plan, stream: bool | None, request: Request, engine: En
         watcher.cancel()
         work.cancel()  # no-op when finished; frees the rows if this handler itself was cancelled
     for result in results:
-        state.metrics.record(result)
+        state.metrics.record(served.id, result)
     return StreamingResponse(_released(completion_body(plan, header, scored, results), lease.release),
-                             media_type="application/json", background=BackgroundTask(lease.release))
+                             media_type="application/json", background=BackgroundTask(lease.release),
+                             headers=headers)
 
 
 async def _watched(request: Request, work: Work, events: AsyncGenerator[ServerSentEvent, None],
