@@ -109,6 +109,7 @@ def test_a_long_score_shares_the_engine_with_generation(client: TestClient) -> N
     short = engine.submit(GenerationRequest("The ", length=5, random_seed=1))
     assert short.result(timeout=60).finish_reason == "length"
     assert scoring.result(timeout=60).chars == len(text) - 1
+    assert short.first_char_at is not None and scoring.finished_at is not None
     assert short.first_char_at < scoring.finished_at  # not after the whole text
     r = client.post("/score", json={"text": text, "per_char": False})
     assert r.json()["bits_per_char"] == pytest.approx(scoring.result().bits_per_char)
