@@ -22,7 +22,7 @@ from app import errors, handlers
 from app.budget import LogprobBudget
 from app.metrics import Metrics
 from app.registry import ModelRegistry, ModelUnavailable
-from app.routes import docs, generate, health, metrics, openai, playground, score
+from app.routes import admin, docs, generate, health, metrics, openai, playground, score
 from app.settings import Settings
 from charlm import __version__
 from charlm.engine import EngineHooks
@@ -234,6 +234,8 @@ def create_app(settings: Settings | None = None, engine_hooks: EngineHooks | Non
     handlers.install(app)
     for module in (generate, score, openai, health, metrics, docs, playground):
         app.include_router(module.router)
+    if settings.admin_key is not None:  # the routes do not exist without their key
+        app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(SecurityHeaders)
@@ -253,10 +255,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)
         if app.state.settings.api_key is None:
-            schema.get("components", {}).pop("securitySchemes", None)
+            schema.get("components", {}).get("securitySchemes", {}).pop("HTTPBearer", None)
             for operations in schema["paths"].values():
                 for operation in operations.values():
-                    operation.pop("security", None)
+                    kept = [s for s in operation.pop("security", []) if "HTTPBearer" not in s]
+                    if kept:
+                        operation["security"] = kept
+            if not schema.get("components", {}).get("securitySchemes", True):
+                schema["components"].pop("securitySchemes")
     return app.openapi_schema  # type: ignore[return-value]
 
 
