@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,7 +56,9 @@ class _Slot:
 class Scheduler:
     """Runs engines' iterations on one worker thread, fairly by worker time (see the module's doc)."""
 
-    def __init__(self, name: str = "charlm-engine"):
+    def __init__(self, name: str = "charlm-engine", clock: Callable[[], float] = time.perf_counter):
+        """`clock` charges each engine its worker time (tests give one that counts work, not seconds)."""
+        self._clock = clock
         self._slots: list[_Slot] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -105,13 +108,13 @@ class Scheduler:
                 if leaving:
                     self._let_go(slot)
                     continue
-                started = time.perf_counter()
+                started = self._clock()
                 try:
                     slot.engine.run_once()
                 except Exception as exc:  # the engine's own guards failed: end its work, keep the others
                     log.exception("engine iteration failed")
                     slot.engine.end_all(GenerationFailed(f"the engine failed: {exc}"))
-                slot.used += time.perf_counter() - started
+                slot.used += self._clock() - started
 
     def _next(self) -> tuple[_Slot, bool] | None:
         """The engine to let go (asked to leave, or all once closed) or to run next, waiting while
