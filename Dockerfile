@@ -34,9 +34,10 @@ COPY app ./app
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && pip install .
-# The shipped model, owned by root and read-only to everyone else whatever modes the checkout gave
-# it (a umask of 002 or 000 would leave it group- or world-writable): the server's uid reads it and
-# can never rewrite it.
+# The shipped models (only models/*.safetensors: .dockerignore leaves the cards, plots and training
+# state out), owned by root and read-only to everyone else whatever modes the checkout gave them (a
+# umask of 002 or 000 would leave them group- or world-writable): the server's uid reads them and can
+# never rewrite them.
 COPY models ./models
 RUN chown -R 0:0 models && chmod -R u=rwX,go=rX models
 
@@ -45,12 +46,17 @@ FROM ${PYTHON_IMAGE}
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 charlm
-# Code and model stay root's: uid 10001 may read and run them, never change them (tests/test_image.py).
+# Code and models stay root's: uid 10001 may read and run them, never change them (tests/test_image.py).
 COPY --from=build --chown=0:0 /opt/venv /opt/venv
 COPY --from=build --chown=0:0 /src/models /srv/charlm/models
+# Every *.safetensors in /srv/charlm/models is a model, named by its file's stem: the shipped
+# mysterious_island (the default: the server's choice when it is there) and verne_small. To serve
+# models of your own, mount their directory there read-only (-v "$PWD/my-models:/srv/charlm/models:ro");
+# without a mysterious_island among them the default is the first id in sorted order, or name one
+# with -e CHARLM_DEFAULT_MODEL=... (not set here, so that such a mount needs no more than itself).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    CHARLM_CHECKPOINT=/srv/charlm/models/mysterious_island.safetensors \
+    CHARLM_MODELS=/srv/charlm/models \
     CHARLM_HOST=0.0.0.0 \
     CHARLM_PORT=8000
 USER 10001:10001

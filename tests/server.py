@@ -65,19 +65,22 @@ class Server:
 
 
 @contextmanager
-def running_server(checkpoint: Path, **env: str) -> Iterator[Server]:
-    """The service on a free port, with CHARLM_* settings from `env`."""
+def running_server(checkpoint: Path | None, **env: str) -> Iterator[Server]:
+    """The service on a free port, with CHARLM_* settings from `env`; with `checkpoint` None it serves
+    only what `env` names (CHARLM_MODELS)."""
     with server_process(checkpoint, env) as server:
         yield server
 
 
 @contextmanager
-def server_process(checkpoint: Path, env: dict[str, str], preexec: Callable[[], None] | None = None
+def server_process(checkpoint: Path | None, env: dict[str, str], preexec: Callable[[], None] | None = None
                    ) -> Iterator[Server]:
     """running_server, with `preexec` run in the child before the server starts (to set its limits)."""
     port = free_port()
     environment = {**os.environ, "CHARLM_CHECKPOINT": str(checkpoint), "CHARLM_DEVICE": "cpu",
                    "CHARLM_HOST": "127.0.0.1", "CHARLM_PORT": str(port), "CHARLM_THREADS": "1", **env}
+    if checkpoint is None and "CHARLM_CHECKPOINT" not in env:
+        del environment["CHARLM_CHECKPOINT"]
     log = Path(tempfile.mkdtemp(prefix="charlm-server-")) / "server.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(dockerfile_cmd(), env=environment, stdout=sink, stderr=subprocess.STDOUT,

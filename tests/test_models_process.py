@@ -72,7 +72,8 @@ def test_the_openai_sdk_lists_and_uses_two_models(models_dir: Path) -> None:
 def test_hot_reload_under_load_loses_nothing(models_dir: Path, tiny: Checkpoint, tmp_path: Path) -> None:
     """SIGHUP after the file is replaced: the 64 requests in flight finish on the old weights, each with
     the text that version gives alone; requests after the reload get the new version."""
-    old_copy = shutil.copy(models_dir / "a.safetensors", tmp_path / "old.safetensors")
+    old_copy = tmp_path / "old.safetensors"
+    shutil.copy(models_dir / "a.safetensors", old_copy)
     old = version_of(old_copy)
     requests = [GenerationRequest("The ", length=8_000, random_seed=s) for s in range(64)]
     responses: list[httpx.Response | None] = [None] * 64

@@ -8,6 +8,9 @@ const JSON_HEADERS = { "Content-Type": "application/json" };
 
 let limits = null; // the server's limits, from /info
 let running = null; // the AbortController of the generation in progress, if any
+let models = []; // GET /v1/models' list: what the pickers offer
+let cards = new Map(); // model id -> its card from /info (checkpoint, training, vocabulary)
+let device = null; // from /info
 
 // ---------------------------------------------------------------- requests and errors
 
@@ -28,6 +31,9 @@ async function api(path, init = {}) {
     if (key) headers.set("Authorization", `Bearer ${key}`);
     const response = await fetch(path, { ...init, headers });
     if (response.status !== 401) return response;
+    // Requests run side by side (the model list and card, two scores): one refused with an old key
+    // while a new one was being entered just tries the new one, rather than throwing it away.
+    if (key && storedKey() && storedKey() !== key) continue;
     sessionStorage.removeItem(KEY_STORAGE);
     await askForKey(key ? "The server refused that key; enter the right one." : "");
   }
@@ -149,6 +155,7 @@ const numberOrNull = (id) => ($(id).value.trim() === "" ? null : Number($(id).va
 // The request body for the current settings; optional fields are left out when empty.
 function generateBody() {
   const body = {
+    ...modelField(pickedModel()),
     seed: $("seed").value,
     length: Number($("length").value),
     scale_factor: Number($("scale-factor").value),
@@ -187,7 +194,7 @@ async function generate(event) {
   seedNode.textContent = body.seed;
   const generated = document.createTextNode("");
   $("output").replaceChildren(seedNode, generated);
-  for (const name of ["ttfc", "rate", "chars", "seed"]) setStat(name, "–");
+  for (const name of ["ttfc", "rate", "chars", "seed", "model"]) setStat(name, "–");
   setStat("state", "waiting…");
 
   const started = performance.now();
@@ -218,6 +225,7 @@ async function generate(event) {
       } else if (kind === "done") {
         finished = true;
         setStat("seed", String(data.random_seed));
+        setStat("model", madeBy(data));
         setStat("state", `done: ${data.finish_reason}`);
       } else if (kind === "error") {
         throw new UserError(`Generation failed: ${data.error.message}`);
@@ -235,6 +243,7 @@ async function generate(event) {
   } finally {
     running = null;
     setRunning(false);
+    refreshModels(); // the model may have been loaded for this request
   }
 }
 
