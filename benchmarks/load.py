@@ -6,6 +6,13 @@ aggregate characters/s, p50/p99 latency and errors, and the ratios at 64 clients
 charlm also serves the same load through POST /v1/completions (OpenAI's API: temperature 0.5 =
 scale_factor 2.0, max_tokens 500), in the same run, and the ratio to POST /generate is printed.
 With --stream, only charlm runs, through POST /generate/stream (the naive server has no stream).
+
+With --models, the figures of serving several models from one process (each the median of its
+repeats, all in the same run): one busy model among three registered vs a one-model server; two
+models with 32 clients each vs one with 64; a 200-character request to a second model while the
+first serves 64 streams vs the same request with the first idle; cold start (a request for an
+unloaded model, to its first character); and CHARLM_MAX_LOADED=1 with requests alternating between
+two models vs room for both.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -90,7 +98,8 @@ async def streamed(http: httpx.AsyncClient, url: str, body: dict) -> int | None:
     return chars
 
 
-async def load(url: str, clients: int, seconds: float, stream: bool = False, openai: bool = False) -> LoadResult:
+async def load(url: str, clients: int, seconds: float, stream: bool = False, openai: bool = False,
+               model: str | None = None) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     chars = 0
@@ -103,7 +112,7 @@ async def load(url: str, clients: int, seconds: float, stream: bool = False, ope
             n = 0
             while time.perf_counter() - start < seconds:
                 sent = time.perf_counter()
-                body = {**BODY, "random_seed": i * 1000 + n}
+                body = {**BODY, "random_seed": i * 1000 + n, **({"model": model} if model else {})}
                 try:
                     call = completion if openai else streamed if stream else whole
                     got = await call(http, url, body)
@@ -133,13 +142,109 @@ def run_levels(name: str, url: str, levels: list[int], seconds: float, stream: b
     return results
 
 
+def serve_models(models: str, **env: str) -> Any:
+    """A charlm server for `models` (CHARLM_MODELS) with the first one the default."""
+    port = free_port()
+    default = models.split(",")[0].split("=")[0]
+    return server([sys.executable, "-m", "charlm.cli", "serve", "--port", str(port)], port,
+                  {"CHARLM_MODELS": models, "CHARLM_DEFAULT_MODEL": default, "CHARLM_DEVICE": "cpu",
+                   "CHARLM_ADMIN_KEY": ADMIN_KEY, "CHARLM_STREAM_INTERVAL_MS": "0", **env})
+
+
+ADMIN_KEY = "benchmark"
+
+
+async def timed_request(http: httpx.AsyncClient, url: str, model: str, seed: int,
+                        length: int = 200) -> tuple[float, float]:
+    """(seconds to the first character, seconds to the last) of one streamed request to `model`."""
+    sent = time.perf_counter()
+    first = None
+    body = {"seed": "The island", "length": length, "random_seed": seed, "model": model}
+    async with http.stream("POST", f"{url}/generate/stream", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("event: text"):
+                first = time.perf_counter() - sent
+    return first or 0.0, time.perf_counter() - sent
+
+
+async def light_requests(url: str, model: str, repeats: int, busy: str | None, seconds: float) -> float:
+    """Median time of 200-character requests to `model`, one after another, while (if `busy`) 64
+    clients keep `busy` decoding."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        background = asyncio.ensure_future(load(url, 64, seconds * 10, model=busy)) if busy else None
+        if busy:
+            await asyncio.sleep(2.0)  # the 64 clients are decoding
+        times = [(await timed_request(http, url, model, seed))[1] for seed in range(repeats)]
+        if background is not None:
+            background.cancel()
+    return statistics.median(times)
+
+
+async def cold_starts(url: str, model: str, repeats: int) -> float:
+    """Median time from a request for `model`, unloaded, to its first character."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    firsts = []
+    async with httpx.AsyncClient(timeout=600) as http:
+        for seed in range(repeats):
+            assert (await http.post(f"{url}/admin/models/{model}/unload", headers=admin)).status_code == 200
+            firsts.append((await timed_request(http, url, model, seed, length=20))[0])
+    return statistics.median(firsts)
+
+
+async def alternating(url: str, models: list[str], repeats: int) -> float:
+    """Median latency of 200-character requests alternating between `models`."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        times = [(await timed_request(http, url, models[i % len(models)], i))[1] for i in range(repeats)]
+    return statistics.median(times)
+
+
+def many_models(seconds: float) -> None:
+    """The --models figures; see the module's doc."""
+    big, small = str(MODEL), str(MODEL.parent / "verne_small.safetensors")
+    three = f"mysterious_island={big},verne_small={small},twin={big}"
+    with serve_models(f"mysterious_island={big}") as url:
+        one = asyncio.run(load(url, 64, seconds)).chars_per_s
+        alone = asyncio.run(light_requests(url, "mysterious_island", 21, None, seconds))
+    with serve_models(three, CHARLM_PRELOAD="all") as url:
+        busy_of_three = asyncio.run(load(url, 64, seconds)).chars_per_s
+
+        async def both() -> list[LoadResult]:
+            return list(await asyncio.gather(load(url, 32, seconds), load(url, 32, seconds, model="twin")))
+
+        pair = sum(r.chars_per_s for r in asyncio.run(both()))
+        idle = {m: asyncio.run(light_requests(url, m, 21, None, seconds)) for m in ("verne_small", "twin")}
+        loaded = {m: asyncio.run(light_requests(url, m, 21, "mysterious_island", seconds))
+                  for m in ("verne_small", "twin")}
+        cold = {m: asyncio.run(cold_starts(url, m, 5)) for m in ("verne_small", "twin")}
+    pair_models = f"mysterious_island={big},verne_small={small}"
+    with serve_models(pair_models, CHARLM_MAX_LOADED="2", CHARLM_PRELOAD="all") as url:
+        roomy = asyncio.run(alternating(url, ["mysterious_island", "verne_small"], 20))
+    with serve_models(pair_models, CHARLM_MAX_LOADED="1") as url:
+        cramped = asyncio.run(alternating(url, ["mysterious_island", "verne_small"], 20))
+    print(f"one model, 64 clients: one-model server {one:,.0f} chars/s; one busy of three registered "
+          f"{busy_of_three:,.0f} = {busy_of_three / one:.2f}x (target >= 0.95)")
+    print(f"two models, 32 clients each: {pair:,.0f} chars/s = {pair / one:.2f}x one model with 64 (target >= 0.9)")
+    for m in ("verne_small", "twin"):
+        print(f"200 characters from {m} while mysterious_island serves 64 streams: {loaded[m] * 1000:.0f} ms, "
+              f"idle {idle[m] * 1000:.0f} ms = {loaded[m] / idle[m]:.2f}x (target <= 2), median of 21")
+        print(f"cold start of {m} (unloaded, to its first character): {cold[m] * 1000:.0f} ms, median of 5")
+    print(f"one model alone, 200 characters: {alone * 1000:.0f} ms")
+    print(f"alternating two models, 200 characters each: CHARLM_MAX_LOADED=1 {cramped * 1000:.0f} ms, "
+          f"=2 {roomy * 1000:.0f} ms = {cramped / roomy:.2f}x, median of 20")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default=str(MODEL))
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--levels", default="1,8,64")
     parser.add_argument("--stream", action="store_true", help="charlm only, through POST /generate/stream")
+    parser.add_argument("--models", action="store_true", help="the figures of serving several models")
     args = parser.parse_args()
+    if args.models:
+        many_models(args.seconds)
+        return
     levels = [int(x) for x in args.levels.split(",")]
     env = {"CHARLM_CHECKPOINT": args.checkpoint, "CHARLM_DEVICE": "cpu"}
     port = free_port()
