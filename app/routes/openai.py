@@ -66,14 +66,14 @@ async def list_models(request: Request) -> ModelList:
     """Every model this server can serve (a model copied into its directory appears here at once):
     its id is what `model` says in a completions request; `status`, `parameters` and `bits_per_char`
     help to choose."""
-    return ModelList(data=[_card(info) for info in request.app.state.models.listing()])
+    return ModelList(data=[_card(info) for info in await request.app.state.models.listing()])
 
 
 @router.get("/models/{model_id}", response_model=Model, summary="OpenAI: one model, by id",
             responses={404: OPENAI_ERROR_RESPONSES[404]})
 async def get_model(model_id: str, request: Request) -> Model:
     try:
-        return _card(request.app.state.models.info(model_id))
+        return _card(await request.app.state.models.info(model_id))
     except UnknownModel as exc:
         raise ApiError(404, str(exc), param="model", code="model_not_found") from None
 

@@ -33,7 +33,7 @@ async function api(path, init = {}) {
     if (response.status !== 401) return response;
     // Requests run side by side (the model list and card, two scores): one refused with an old key
     // while a new one was being entered just tries the new one, rather than throwing it away.
-    if (key && storedKey() && storedKey() !== key) continue;
+    if (storedKey() && storedKey() !== key) continue;
     sessionStorage.removeItem(KEY_STORAGE);
     await askForKey(key ? "The server refused that key; enter the right one." : "");
   }
@@ -315,51 +315,256 @@ const describeChar = (char) => (char.length === 1 && char.trim() === "" ? charNa
 const topGuesses = (top) =>
   (top || []).map((guess) => `${describeChar(guess.char)} ${(Math.exp(guess.logprob) * 100).toFixed(1)}%`);
 
+// One scored character as a coloured span: its surprise in data-bits, its probability and the
+// model's guesses in the tooltip. `whose` names the model in the tooltip ("the model's", "b's").
+function scoredChar(item, whose) {
+  const span = document.createElement("span");
+  span.className = "c";
+  span.textContent = item.char === "\n" ? "↵" : item.char;
+  if (item.logprob === null) {
+    // The first character: the model has no start-of-text to predict it from, so it is context only.
+    span.classList.add("context");
+    span.title = `${describeChar(item.char)}: the first character, context for the rest (not scored)`;
+    return span;
+  }
+  const bits = -item.logprob / Math.LN2;
+  span.style.backgroundColor = surpriseColour(bits);
+  span.dataset.bits = bits.toFixed(3);
+  const guesses = topGuesses(item.top);
+  const percent = (Math.exp(item.logprob) * 100).toFixed(2);
+  span.title = `${describeChar(item.char)}: ${bits.toFixed(2)} bits (p = ${percent}%)`
+    + (guesses.length ? `\n${whose} guesses: ${guesses.join(", ")}` : "");
+  return span;
+}
+
 function showScore(result) {
   $("score-bpc").textContent = result.bits_per_char.toFixed(3);
   $("score-chars").textContent = result.chars.toLocaleString("en");
+  $("score-model").textContent = madeBy(result);
   const spans = document.createDocumentFragment();
   for (const item of result.per_char) {
-    const span = document.createElement("span");
-    span.className = "c";
-    // A newline gets a visible mark, or its colour would have no width to show in.
-    span.textContent = item.char === "\n" ? "↵\n" : item.char;
-    if (item.logprob === null) {
-      // The first character: the model has no start-of-text to predict it from, so it is context only.
-      span.classList.add("context");
-      span.title = `${describeChar(item.char)}: the first character, context for the rest (not scored)`;
-    } else {
-      const bits = -item.logprob / Math.LN2;
-      span.style.backgroundColor = surpriseColour(bits);
-      span.dataset.bits = bits.toFixed(3);
-      const guesses = topGuesses(item.top);
-      const percent = (Math.exp(item.logprob) * 100).toFixed(2);
-      span.title = `${describeChar(item.char)}: ${bits.toFixed(2)} bits (p = ${percent}%)`
-        + (guesses.length ? `\nthe model's guesses: ${guesses.join(", ")}` : "");
-    }
+    const span = scoredChar(item, "the model's");
+    // A newline keeps its visible mark, or its colour would have no width to show in.
+    if (item.char === "\n") span.textContent = "↵\n";
     spans.append(span);
   }
   $("scored").replaceChildren(spans);
   $("score-summary").hidden = $("score-legend").hidden = false;
 }
 
+// Where one model gave a character at least twice the probability the other did (index.html's note
+// says so), its row is underlined there.
+const MUCH_LESS_BITS = 1;
+
+// The bits of each model at position i (null for the context character), and which one (0 or 1, or
+// null) was much less surprised there.
+function lessSurprised(results, i) {
+  const bits = results.map((r) => (r.per_char[i].logprob === null ? null : -r.per_char[i].logprob / Math.LN2));
+  if (bits[0] === null || Math.abs(bits[0] - bits[1]) < MUCH_LESS_BITS) return null;
+  return bits[0] < bits[1] ? 0 : 1;
+}
+
+// The text once, as columns of two cells (top: the first model, bottom: the second), so the rows stay
+// aligned character by character however the lines wrap. Columns are grouped into words that wrap
+// as a whole (a word wider than the box wraps inside itself), and a newline ends the line.
+function comparedText(results) {
+  const text = document.createDocumentFragment();
+  const wins = [0, 0];
+  let word = null;
+  results[0].per_char.forEach((item, i) => {
+    const pair = document.createElement("span");
+    pair.className = "pair";
+    const cells = results.map((r) => scoredChar(r.per_char[i], `${r.model}'s`));
+    const better = lessSurprised(results, i);
+    if (better !== null) {
+      cells[better].classList.add("better");
+      wins[better] += 1;
+    }
+    cells.forEach((cell, row) => { cell.dataset.model = results[row].model; });
+    pair.append(...cells);
+    if (!word) {
+      word = document.createElement("span");
+      word.className = "word";
+      text.append(word);
+    }
+    word.append(pair);
+    if (item.char.trim() === "") word = null; // a word ends after its white space
+    if (item.char === "\n") text.append("\n");
+  });
+  return { text, wins };
+}
+
+// One row of the comparison table: which row of the text it is, the model and version, its bpc.
+function comparisonRow(result, row, wins) {
+  const tr = document.createElement("tr");
+  tr.dataset.model = result.model;
+  const cells = [row, madeBy(result), result.bits_per_char.toFixed(3), `${wins.toLocaleString("en")} characters`];
+  for (const [i, value] of cells.entries()) {
+    const td = document.createElement(i === 0 ? "th" : "td");
+    if (i === 0) td.scope = "row";
+    if (i === 2) td.className = "bpc";
+    td.textContent = value;
+    tr.append(td);
+  }
+  return tr;
+}
+
+// Which model predicts the text better, by how much, in words.
+function verdict(results) {
+  const [a, b] = results;
+  const chars = `Over ${a.chars.toLocaleString("en")} predicted characters`;
+  const gap = Math.abs(a.bits_per_char - b.bits_per_char);
+  if (gap.toFixed(3) === "0.000") return `${chars}, both models predict this text equally well.`;
+  const [better, worse] = a.bits_per_char < b.bits_per_char ? [a, b] : [b, a];
+  return `${chars}, ${better.model} predicts this text better: ${gap.toFixed(3)} fewer bits per character `
+    + `than ${worse.model}.`;
+}
+
+function showComparison(results) {
+  if (results[0].per_char.length !== results[1].per_char.length) {
+    throw new UserError("The two models split the text into different characters; cannot compare them.");
+  }
+  const { text, wins } = comparedText(results);
+  $("compare-rows").replaceChildren(
+    comparisonRow(results[0], "top", wins[0]), comparisonRow(results[1], "bottom", wins[1]));
+  $("compare-verdict").textContent = verdict(results);
+  $("compared").replaceChildren(text);
+  $("compare-summary").hidden = $("score-legend").hidden = false;
+}
+
+// Hide every result of the last scoring (single or compared).
+function clearScore() {
+  $("scored").replaceChildren();
+  $("compared").replaceChildren();
+  $("score-summary").hidden = $("compare-summary").hidden = $("score-legend").hidden = true;
+}
+
+// POST /score with one model; in a comparison, a refusal says which model refused.
+async function scoreWith(model, text, named) {
+  const body = { ...modelField(model), text, top_k: 5, per_char: true };
+  const response = await api("/score", { method: "POST", headers: JSON_HEADERS, body: JSON.stringify(body) });
+  if (!response.ok) {
+    const message = await errorMessage(response);
+    throw new UserError(named ? `${model}: ${message}` : message);
+  }
+  return response.json();
+}
+
 async function score(event) {
   event.preventDefault();
   $("score").disabled = true;
   showError("score-error", "");
+  const text = $("score-text").value;
+  const first = pickedModel();
+  const second = $("compare-model").value || null;
   try {
-    const response = await api("/score", {
-      method: "POST", headers: JSON_HEADERS, body: JSON.stringify({ text: $("score-text").value, top_k: 5 }),
-    });
-    if (!response.ok) throw new UserError(await errorMessage(response));
-    showScore(await response.json());
+    if (second && second !== first) {
+      const results = await Promise.all([scoreWith(first, text, true), scoreWith(second, text, true)]);
+      clearScore();
+      showComparison(results);
+    } else {
+      const result = await scoreWith(first, text, false);
+      clearScore();
+      showScore(result);
+    }
   } catch (err) {
-    $("scored").replaceChildren();
-    $("score-summary").hidden = $("score-legend").hidden = true;
+    clearScore();
     showError("score-error", messageOf(err));
   } finally {
     $("score").disabled = false;
+    refreshModels(); // either model may have been loaded for this
   }
+}
+
+// ---------------------------------------------------------------- models
+
+// The picked model's id, or null before the list has loaded (requests then go to the default).
+const pickedModel = () => $("model").value || null;
+
+// `model` for a request body: named when one is picked, left out otherwise.
+const modelField = (model) => (model ? { model } : {});
+
+// "a 3f2c1e2a9b7d": the model and weights a response says made it.
+const madeBy = (response) => [response.model, response.model_version].filter(Boolean).join(" ");
+
+// 369000 -> "369k", 3477600 -> "3.5M".
+function shortCount(n) {
+  if (n < 1000) return String(n);
+  if (n < 999500) return `${Math.round(n / 1000)}k`;
+  return `${(n / 1e6).toFixed(1)}M`;
+}
+
+function statusText(model) {
+  if (model.status === "loaded") return "loaded";
+  if (model.status === "available") return "loads on first use";
+  return `unavailable: ${model.error || "it does not load"}`;
+}
+
+// What an option says: "b · 369k parameters · 1.541 bpc · loads on first use".
+function modelLabel(model) {
+  return [
+    model.default ? `${model.id} (default)` : model.id,
+    model.parameters === null ? null : `${shortCount(model.parameters)} parameters`,
+    model.bits_per_char === null ? null : `${model.bits_per_char.toFixed(3)} bpc`,
+    statusText(model),
+  ].filter(Boolean).join(" · ");
+}
+
+// Fill a picker with the models, keeping its choice if that model is still there and usable;
+// `keep(model)` says whether an option may be chosen.
+function fillPicker(select, first, keep) {
+  const previous = select.value;
+  const options = models.map((model) => {
+    const option = new Option(modelLabel(model), model.id);
+    option.title = option.textContent; // an error can be longer than the box is wide
+    option.disabled = !keep(model);
+    return option;
+  });
+  select.replaceChildren(...first, ...options);
+  const still = options.find((o) => o.value === previous && !o.disabled);
+  select.value = still ? previous : "";
+}
+
+// Both pickers: the model (the default at first, unavailable ones disabled) and the one to compare
+// with (none, or any other usable model).
+function showModels() {
+  const picker = $("model");
+  fillPicker(picker, [], (m) => m.status !== "unavailable");
+  if (picker.value === "") {
+    const usable = models.filter((m) => m.status !== "unavailable");
+    picker.value = (usable.find((m) => m.default) || usable[0] || { id: "" }).id;
+  }
+  picker.disabled = models.length === 0;
+  fillPicker($("compare-model"), [new Option("none", "")],
+    (m) => m.status !== "unavailable" && m.id !== picker.value);
+  showCard();
+}
+
+async function loadModels() {
+  const response = await api("/v1/models");
+  if (!response.ok) throw new UserError(await errorMessage(response));
+  models = (await response.json()).data;
+  showModels();
+}
+
+// After a request: a model may have been loaded (or another unloaded) for it. Nothing is said if
+// this fails: the list shown stays as it was.
+function refreshModels() {
+  loadModels().catch(() => {});
+}
+
+// The header's card, for the picked model: its file, size, held-out bpc, and the device.
+function showCard() {
+  const id = pickedModel();
+  const card = cards.get(id) || models.find((m) => m.id === id);
+  if (!card) return;
+  const bpc = card.bits_per_char;
+  $("model-info").textContent = [
+    card.checkpoint || card.id,
+    card.parameters == null ? null : `${card.parameters.toLocaleString("en")} parameters`,
+    bpc == null ? null : `${bpc.toFixed(3)} bits/char held out`,
+    device,
+  ].filter(Boolean).join(" · ");
 }
 
 // ---------------------------------------------------------------- tabs, model card, wiring
@@ -386,23 +591,30 @@ function tabKeys(event) {
 }
 
 async function loadInfo() {
+  const response = await api("/info");
+  if (!response.ok) throw new UserError(await errorMessage(response));
+  const info = await response.json();
+  limits = info.limits;
+  device = info.device;
+  $("length").max = String(limits.max_length);
+  cards = new Map((info.models || []).map((card) => [card.id, card]));
+}
+
+// The card and the model list, side by side; the page is ready once both are shown.
+async function loadPage() {
   try {
-    const response = await api("/info");
-    if (!response.ok) throw new UserError(await errorMessage(response));
-    const info = await response.json();
-    limits = info.limits;
-    $("length").max = String(limits.max_length);
-    const bpc = info.training && info.training.val_bpc;
-    $("model-info").textContent = [
-      info.model.checkpoint,
-      `${info.model.parameters.toLocaleString("en")} parameters`,
-      bpc ? `${bpc} bits/char held out` : null,
-      info.device,
-    ].filter(Boolean).join(" · ");
+    await Promise.all([loadInfo(), loadModels()]);
+    showCard();
     document.body.dataset.ready = "true";
   } catch (err) {
     $("model-info").textContent = `The model card is unavailable. ${messageOf(err)}`;
   }
+}
+
+// A new model: its card in the header, and it can no longer be the one to compare with.
+function modelPicked() {
+  if ($("compare-model").value === pickedModel()) $("compare-model").value = "";
+  showModels();
 }
 
 // Ctrl+Enter (⌘+Enter) in a text box submits its form.
@@ -420,10 +632,11 @@ $("new-seed").addEventListener("click", newSeed);
 $("scale-factor").addEventListener("input", scaleChanged);
 $("temperature").addEventListener("input", temperatureChanged);
 $("score-form").addEventListener("submit", score);
+$("model").addEventListener("change", modelPicked);
 for (const box of ["seed", "score-text"]) $(box).addEventListener("keydown", submitOnCtrlEnter);
 for (const tab of tabs()) {
   tab.addEventListener("click", () => selectTab(tab));
   tab.addEventListener("keydown", tabKeys);
 }
 scaleChanged();
-loadInfo();
+loadPage();

@@ -1,9 +1,10 @@
-# A model image for overlays/external-model: one checkpoint and a `cp` for the init container.
-# Build with the directory holding the checkpoint as the context (the repository's .dockerignore
-# leaves runs/ out of a context at the root):
-#   docker build -f deploy/kubernetes/overlays/external-model/model.Dockerfile \
-#       --build-arg CHECKPOINT=mi.safetensors -t charlm-model:mi runs/
+# A model image for overlays/external-model: a directory of models, /models/*.safetensors (each is
+# served under its file's stem), and busybox's `sh` and `cp`, with which the init container copies
+# them into the pod. Build it from a directory holding only the models to serve: every
+# *.safetensors there is taken, and a training state (*.state.safetensors) would be listed as a
+# model that does not load. (The repository's .dockerignore applies only to a context at the root.)
+#   mkdir -p my-models && cp runs/mi.safetensors runs/other.safetensors my-models/
+#   docker build -f deploy/kubernetes/overlays/external-model/model.Dockerfile -t charlm-model:TAG my-models/
 FROM busybox:1.37
-ARG CHECKPOINT=model.safetensors
-COPY ${CHECKPOINT} /model/model.safetensors
+COPY *.safetensors /models/
 USER 10001:10001
