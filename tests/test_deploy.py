@@ -23,7 +23,7 @@ import sysconfig
 import tempfile
 from collections.abc import Iterator
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
@@ -35,16 +35,18 @@ from fastapi import FastAPI
 from starlette.routing import Match, Mount
 
 from app.main import create_app
+from app.registry import ModelRegistry
 from app.server import RESPONSE_MARGIN_SECONDS
 from app.settings import Settings
 from tests.server import Server, dockerfile_cmd, free_port
-from tests.test_image import stages
+from tests.test_image import image_env, image_models_dir, instructions, shipped_models, stages
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 README = ROOT / "README.md"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
+MODEL_DOCKERFILE = KUBE / "overlays" / "external-model" / "model.Dockerfile"
 
 # The Kubernetes version the manifests are validated for: still common in managed clusters, and
 # every field used here is in its schemas (autoscaling/v2 behavior, policy/v1
@@ -54,6 +56,18 @@ KUBERNETES_VERSION = "1.30.0"
 # CHARLM_THREADS=2 (README, "Scaling out"). Memory requests and limits must leave 2x headroom over it.
 MEASURED_PEAK_RSS_MIB = 353
 MEMORY_HEADROOM = 2.0
+# More models: a loaded model takes about 3x its file in memory (its weights, and the decoder's packed
+# copy of them; measured: 36 MiB resident for the 13.3 MiB mysterious_island, part of the peak above).
+# With CHARLM_MAX_LOADED models of at most CHARLM_MAX_MODEL_MB each, the memory limit must hold
+# the rest of the peak plus that many models at that size.
+MODEL_MEMORY_PER_FILE = 3.0
+SHIPPED_MODEL_RSS_MIB = 36
+
+
+def memory_bound_mib(settings: Settings) -> float:
+    """Resident memory at most, with as many models loaded as the settings allow, each as large as allowed."""
+    models = settings.max_loaded * MODEL_MEMORY_PER_FILE * settings.max_model_mb
+    return MEASURED_PEAK_RSS_MIB - SHIPPED_MODEL_RSS_MIB + models
 
 Doc = dict[str, Any]
 
@@ -248,6 +262,33 @@ def configmap_env(docs: list[Doc], container: Doc) -> dict[str, str]:
     return env
 
 
+def server_env(docs: list[Doc], container: Doc) -> dict[str, str | None]:
+    """The container's CHARLM_* environment: its ConfigMaps', then its own `env` (which wins), where a
+    value from a Secret is None (the name must be right; the value is not ours)."""
+    env: dict[str, str | None] = dict(configmap_env(docs, container))
+    for entry in container.get("env", []):
+        env[entry["name"]] = entry.get("value")
+    return env
+
+
+def model_image_dir() -> PurePosixPath:
+    """Where overlays/external-model's model image (model.Dockerfile) puts its models: its one COPY's
+    destination, a directory of *.safetensors."""
+    copies = [args for keyword, args in instructions(MODEL_DOCKERFILE.read_text()) if keyword == "COPY"]
+    assert len(copies) == 1, copies
+    *sources, destination = shlex.split(copies[0])
+    assert sources == ["*.safetensors"] and destination.endswith("/"), copies[0]
+    return PurePosixPath(destination)
+
+
+def copy_models(files: list[Path], directory: Path) -> Path:
+    """A directory holding these model files (copies: the registry skips links that leave it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, directory / file.name)
+    return directory
+
+
 def cpu_cores(quantity: str | int | float) -> float:
     text = str(quantity)
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
@@ -412,18 +453,143 @@ def test_every_charlm_variable_is_a_setting_with_a_valid_value(name: str) -> Non
     docs = variant(name)
     deployment = the(docs, "Deployment")
     container = server_container(deployment)
-    env: dict[str, str | None] = dict(configmap_env(docs, container))
-    for entry in container.get("env", []):
-        env[entry["name"]] = entry.get("value")  # from a Secret: the name must be right, the value is not ours
-    settings_from(env)  # raises on a misspelt name or a value the server would refuse
+    settings_from(server_env(docs, container))  # raises on a misspelt name or a value the server would refuse
     config_names = [name for d in docs if d["kind"] == "ConfigMap" for name in d["data"]]
     assert config_names and all(n.startswith("CHARLM_") for n in config_names), config_names
-    key = next(e for e in container["env"] if e["name"] == "CHARLM_API_KEY")["valueFrom"]["secretKeyRef"]
-    assert key["optional"] is True, "without the Secret the service must still start (routes open)"
+    # Keys come from Secrets, optional ones (without them the service still starts: routes open, no admin
+    # routes), each from a Secret of its own; never from a ConfigMap or a literal value.
+    assert not [n for n in config_names if n.endswith("_KEY")], "a key in a ConfigMap is readable by all"
+    from_secrets = {e["name"]: e["valueFrom"] for e in container["env"] if "valueFrom" in e}
+    assert set(from_secrets) == {"CHARLM_API_KEY", "CHARLM_ADMIN_KEY"}, sorted(from_secrets)
+    assert all(set(e) <= {"name", "value"} for e in container["env"] if "valueFrom" not in e)
+    assert not [e["name"] for e in container["env"] if e["name"].endswith("_KEY") and "valueFrom" not in e]
+    refs = {}
+    for variable, source in from_secrets.items():
+        assert set(source) == {"secretKeyRef"}, f"{variable}: only from a Secret"
+        refs[variable] = source["secretKeyRef"]
+        assert refs[variable]["optional"] is True, f"{variable}: without the Secret the service must still start"
+    assert refs["CHARLM_API_KEY"]["name"] != refs["CHARLM_ADMIN_KEY"]["name"], (
+        "the admin key needs a Secret of its own: the API key is handed to every client"
+    )
     # A Service named `charlm` would otherwise inject CHARLM_PORT=tcp://... into the container.
     assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.usefixtures("clean_env")
+def test_charlm_models_is_the_directory_the_models_are_in(name: str) -> None:
+    """The base serves the image's models (CHARLM_MODELS is the directory the Dockerfile copies them to,
+    and no volume hides it); the overlay serves the model image's, copied by its init container into the
+    volume the server mounts, read-only, exactly where CHARLM_MODELS points."""
+    docs = variant(name)
+    deployment = the(docs, "Deployment")
+    pod, container = deployment["spec"]["template"]["spec"], server_container(deployment)
+    env = server_env(docs, container)
+    assert "CHARLM_CHECKPOINT" not in env, "a directory of models (CHARLM_MODELS), not one checkpoint"
+    directories, files = settings_from(env).model_sources()
+    assert not files and len(directories) == 1, f"one directory of models: {env.get('CHARLM_MODELS')!r}"
+    models = PurePosixPath(str(env["CHARLM_MODELS"]))
+    assert models.is_absolute(), models
+    mounts = {PurePosixPath(m["mountPath"]): m for m in container.get("volumeMounts", [])}
+    if name != "external-model":
+        assert models == image_models_dir(), f"CHARLM_MODELS {models}: the image's models are in {image_models_dir()}"
+        hiding = [str(p) for p in mounts if models.is_relative_to(p) or p.is_relative_to(models)]
+        assert not hiding, f"{hiding} would hide or change the image's models"
+        assert not pod.get("initContainers"), "the base needs nothing but the image"
+        return
+    assert models in mounts, f"CHARLM_MODELS {models} is not a mount path of the server: {sorted(map(str, mounts))}"
+    mount = mounts[models]
+    assert mount.get("readOnly") is True, "the server never writes its models: mount them read-only"
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume, volume
+    fillers = [c for c in pod.get("initContainers", []) if any(m["name"] == volume["name"] for m in c["volumeMounts"])]
+    assert len(fillers) == 1, "one init container fills the models volume"
+    target = next(m["mountPath"] for m in fillers[0]["volumeMounts"] if m["name"] == volume["name"])
+    command = fillers[0]["command"]
+    assert command[:2] == ["sh", "-c"] and len(command) == 3, command
+    copy_command = shlex.split(command[2])
+    assert copy_command == ["cp", f"{model_image_dir()}/*.safetensors", f"{target}/"], (
+        f"{command}: expected a copy of the model image's {model_image_dir()}/*.safetensors into {target}/"
+    )
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.usefixtures("clean_env")
+def test_the_default_model_is_one_of_the_models_served(name: str, tmp_path: Path) -> None:
+    """The registry, configured as the pod's server is, over the models its directory holds (the image's
+    for the base; for the overlay, the default model image's, which kustomization.yaml says is built
+    from models/): it lists both shipped models and CHARLM_DEFAULT_MODEL names one of them (an unknown
+    one would stop the server at start)."""
+    docs = variant(name)
+    env = server_env(docs, server_container(the(docs, "Deployment")))
     if name == "external-model":
-        assert env["CHARLM_CHECKPOINT"] in {m["mountPath"] + "/model.safetensors" for m in container["volumeMounts"]}
+        files = sorted((ROOT / "models").glob("*.safetensors"))  # model.Dockerfile's COPY *.safetensors
+    else:
+        files = [ROOT / "models" / f"{model}.safetensors" for model in shipped_models()]
+    directory = copy_models(files, tmp_path / "models")
+    registry = ModelRegistry(settings_from({**env, "CHARLM_MODELS": str(directory)}).registry_config())
+    assert {"mysterious_island", "verne_small"} <= set(registry.ids()), registry.ids()
+    assert env.get("CHARLM_DEFAULT_MODEL") == "mysterious_island", "name the default model explicitly"
+    assert registry.resolve(None) == "mysterious_island"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_image_serves_every_model_it_carries_or_a_directory_mounted_over_them(tmp_path: Path) -> None:
+    """The Dockerfile's environment: every shipped model, mysterious_island by default; and, since it names
+    no default, a directory of one's own mounted over its models directory serves without more settings."""
+    env: dict[str, str | None] = {k: v for k, v in image_env().items() if k.startswith("CHARLM_")}
+    assert "CHARLM_DEFAULT_MODEL" not in env, "a directory mounted over the models would need that model"
+    files = [ROOT / "models" / f"{model}.safetensors" for model in shipped_models()]
+    image = copy_models(files, tmp_path / "image")
+    registry = ModelRegistry(settings_from({**env, "CHARLM_MODELS": str(image)}).registry_config())
+    assert registry.ids() == shipped_models() and registry.resolve(None) == "mysterious_island"
+    own = copy_models([ROOT / "models" / "verne_small.safetensors"], tmp_path / "own")
+    (own / "verne_small.safetensors").rename(own / "my_model.safetensors")
+    registry = ModelRegistry(settings_from({**env, "CHARLM_MODELS": str(own)}).registry_config())
+    assert registry.ids() == ["my_model"] and registry.resolve(None) == "my_model"
+
+
+# CHARLM_* names the deployment files mention that are not settings, and why.
+NOT_SETTINGS = {
+    "CHARLM_PUBLISH": "docker-compose.yml's own variable: the host address it publishes the port on",
+    "CHARLM_SERVICE_HOST": "what Kubernetes would inject for a Service named charlm (deployment.yaml: why not)",
+}
+
+
+def deployment_files() -> list[Path]:
+    return [ROOT / "Dockerfile", ROOT / ".dockerignore", COMPOSE,
+            *sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file())]
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_every_charlm_name_the_deployment_files_set_or_mention_is_a_setting() -> None:
+    """pydantic-settings ignores an unknown CHARLM_* variable without a word, so a misspelt or renamed
+    setting would silently do nothing. Every name the manifests (every variant's ConfigMaps and container
+    env), compose and the Dockerfile set is a field of Settings, and so is every one their comments name."""
+    set_names: dict[str, str] = {}
+    for variant_name in VARIANTS:
+        docs = variant(variant_name)
+        for doc in docs:
+            if doc["kind"] == "ConfigMap":
+                set_names.update({n: f"{variant_name}: ConfigMap {doc['metadata']['name']}" for n in doc["data"]})
+        for container in pod_containers(the(docs, "Deployment")):
+            set_names.update({e["name"]: f"{variant_name}: container {container['name']}"
+                              for e in container.get("env", [])})
+    set_names.update({n: "docker-compose.yml" for n in compose()["services"]["charlm"]["environment"]})
+    for stage in stages():
+        for keyword, args in stage:
+            if keyword == "ENV":
+                set_names.update({w.partition("=")[0]: "Dockerfile" for w in shlex.split(args)})
+    charlm_names = {n: where for n, where in set_names.items() if n.startswith("CHARLM_")}
+    assert {"CHARLM_MODELS", "CHARLM_MAX_LOADED", "CHARLM_API_KEY", "CHARLM_ADMIN_KEY"} <= set(charlm_names)
+    fields = {f"CHARLM_{field.upper()}" for field in Settings.model_fields}
+    unknown = {n: where for n, where in charlm_names.items() if n not in fields}
+    assert not unknown, f"not settings of app.settings.Settings: {unknown}"
+    assert "CHARLM_CHECKPOINT" not in charlm_names, "every deployment serves a directory (CHARLM_MODELS)"
+    mentioned = {(name, str(path.relative_to(ROOT))) for path in deployment_files()
+                 for name in re.findall(r"\bCHARLM_[A-Z0-9_]*[A-Z0-9]\b", path.read_text())}
+    stale = sorted((n, where) for n, where in mentioned if n not in fields and n not in NOT_SETTINGS)
+    assert not stale, f"mentioned, but not settings: {stale}"
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -476,6 +642,26 @@ def test_threads_match_the_cpu_limit_and_memory_has_headroom(name: str) -> None:
     assert cpu_cores(resources["requests"]["cpu"]) <= cpu_cores(resources["limits"]["cpu"])
     request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
     assert MEMORY_HEADROOM * MEASURED_PEAK_RSS_MIB <= request <= limit, (request, limit)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.usefixtures("clean_env")
+def test_the_memory_limit_holds_as_many_models_as_may_be_loaded(name: str) -> None:
+    """The registry keeps at most CHARLM_MAX_LOADED models in memory, and loads no file over
+    CHARLM_MAX_MODEL_MB: both are set next to the memory limit (the default 512 MiB per model would not
+    fit), their worst case fits under it, and every shipped model is small enough to be served."""
+    docs = variant(name)
+    container = server_container(the(docs, "Deployment"))
+    config = configmap_env(docs, container)
+    assert {"CHARLM_MAX_LOADED", "CHARLM_MAX_MODEL_MB"} <= set(config), "state the memory bound in the ConfigMap"
+    settings = settings_from(server_env(docs, container))
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert memory_bound_mib(settings) <= limit, (
+        f"{settings.max_loaded} models of {settings.max_model_mb} MiB: {memory_bound_mib(settings):.0f} MiB "
+        f"at most, over the {limit:.0f} MiB limit"
+    )
+    for model in (ROOT / "models").glob("*.safetensors"):
+        assert model.stat().st_size <= settings.max_model_mb * 2**20, f"{model.name} is over CHARLM_MAX_MODEL_MB"
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -641,6 +827,14 @@ def test_compose_serves_the_images_port_restricted_and_prometheus_scrapes_it() -
     needed = settings.drain_seconds + settings.grace_seconds + RESPONSE_MARGIN_SECONDS
     assert seconds(charlm["stop_grace_period"]) > needed, "docker's SIGKILL would cut the drain short"
     assert docker_mebibytes(charlm["mem_limit"]) >= MEMORY_HEADROOM * MEASURED_PEAK_RSS_MIB
+    # As many models as may be loaded fit too (test_the_memory_limit_holds_as_many_models_as_may_be_loaded).
+    assert {"CHARLM_MAX_LOADED", "CHARLM_MAX_MODEL_MB"} <= set(env), "state the memory bound next to mem_limit"
+    assert memory_bound_mib(settings) <= docker_mebibytes(charlm["mem_limit"])
+    # The image's models, served as the image serves them (its CHARLM_MODELS): nothing here overrides that.
+    assert not {"CHARLM_MODELS", "CHARLM_CHECKPOINT"} & set(env) and "volumes" not in charlm
+    # The keys: passed through from the shell or .env when set there (null), never set here, never empty
+    # (`${CHARLM_ADMIN_KEY:-}` would set an empty key, which the server refuses at start).
+    assert env["CHARLM_API_KEY"] is None and env["CHARLM_ADMIN_KEY"] is None
     assert charlm["read_only"] is True and charlm["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in charlm["security_opt"]
     assert any(t.split(":")[0] == "/tmp" for t in charlm["tmpfs"])
@@ -819,10 +1013,10 @@ def test_the_server_serves_from_a_read_only_root_filesystem(
     assert {results[str(d)] for d in must_fail} == {errno.errorcode[errno.EROFS]}, results
     assert Path(results["tempdir"]).parent == writable, "tempfile must write to TMPDIR, the writable mount"
 
-    # The server as the container starts it: the image's CMD, its checkpoint read from the read-only
-    # tree, HOME and the working directory read-only, TMPDIR the only writable place.
+    # The server as the container starts it: the image's CMD, its models directory (CHARLM_MODELS) read
+    # from the read-only tree, HOME and the working directory read-only, TMPDIR the only writable place.
     port = free_port()
-    env = container_env(home, writable, CHARLM_CHECKPOINT=str(ROOT / "models" / "mysterious_island.safetensors"),
+    env = container_env(home, writable, CHARLM_MODELS=str(ROOT / "models"),
                         CHARLM_DEVICE="cpu", CHARLM_HOST="127.0.0.1", CHARLM_PORT=str(port), CHARLM_THREADS="1",
                         CHARLM_DRAIN_SECONDS="0")
     log = Path(tempfile.mkdtemp(prefix="charlm-server-")) / "server.log"
@@ -837,6 +1031,13 @@ def test_the_server_serves_from_a_read_only_root_filesystem(
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["text"].startswith("The island") and body["usage"]["generated_chars"] == 40
+        assert body["model"] == "mysterious_island", "the default model"
+        listing = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+        assert {"mysterious_island", "verne_small"} <= {m["id"] for m in listing["data"]}, listing
+        # A second model, loaded on demand from the read-only tree.
+        response = httpx.post(f"{server.url}/generate", timeout=60,
+                              json={"model": "verne_small", "seed": "The", "length": 10, "random_seed": 1})
+        assert response.status_code == 200 and response.json()["model"] == "verne_small", response.text
         assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, server.output()

@@ -239,10 +239,10 @@ def test_the_server_owns_none_of_the_code_and_model_it_serves(tmp_path: Path) ->
 # Run it in a built image: CHARLM_TEST_IMAGE=charlm:0.1.0 (and CHARLM_TEST_RUNTIME=podman, if not docker).
 OWNERSHIP_PROBE = """
 import json, os, sys
-directory = os.environ["CHARLM_MODELS"]
-models = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+models_dir = os.environ["CHARLM_MODELS"]
+models = sorted(name for name in os.listdir(models_dir) if name.endswith(".safetensors"))
 result = {"uid": os.getuid(), "changeable": [], "models": models,
-          "read": {name: len(open(os.path.join(directory, name), "rb").read(8)) for name in models}}
+          "read": {name: len(open(os.path.join(models_dir, name), "rb").read(8)) for name in models}}
 for root in sys.argv[1:]:
     for directory, _, files in os.walk(root):
         for path in [directory, *(os.path.join(directory, f) for f in files)]:
@@ -251,7 +251,7 @@ for root in sys.argv[1:]:
                 continue
             if st.st_uid == os.getuid() or st.st_mode & 0o002 or os.access(path, os.W_OK):
                 result["changeable"].append(path)
-for attempt in [*(os.path.join(directory, name) for name in models), os.path.join(directory, "planted")]:
+for attempt in [*(os.path.join(models_dir, name) for name in models), os.path.join(models_dir, "planted")]:
     try:
         open(attempt, "ab").close()
         result["changeable"].append(attempt)
