@@ -29,8 +29,10 @@ __all__ = ["BURST", "Schedulable", "Scheduler"]
 
 log = logging.getLogger("charlm")
 
-# Seconds of worker time a model that just got work may run ahead of the others that were busy.
-BURST = 0.05
+# Seconds of worker time a model that just got work may run ahead of the others that were busy: a
+# short request to a model that was idle (200 characters of the default model take ~60 ms) runs at
+# once, while a model that stays busy gets its fair share and no more.
+BURST = 0.1
 
 
 class Schedulable(Protocol):
