@@ -245,7 +245,8 @@ def test_settings_reach_the_server_and_copy_curl_repeats_them(server: Server, br
 
     # The same request through the API gives the same text: every setting was sent as typed, and the
     # model picked (the default) is named.
-    body = {"model": default_model(server), "seed": "The sailor", "length": 300, "scale_factor": 2, "top_k": 10, "top_p": 0.9, "random_seed": 7}
+    body = {"model": default_model(server), "seed": "The sailor", "length": 300, "scale_factor": 2, "top_k": 10,
+            "top_p": 0.9, "random_seed": 7}
     assert httpx.post(f"{server.url}/generate", json=body, timeout=60).json()["text"] == shown
 
     by_id(browser, "copy-curl").click()

@@ -352,16 +352,28 @@ function showScore(result) {
   $("score-summary").hidden = $("score-legend").hidden = false;
 }
 
-// Where one model gave a character at least twice the probability the other did (index.html's note
-// says so), its row is underlined there.
+// Where one model gave a character at least twice the probability the other did (1 bit less; the
+// note in index.html says so), its row is marked there.
 const MUCH_LESS_BITS = 1;
 
-// The bits of each model at position i (null for the context character), and which one (0 or 1, or
-// null) was much less surprised there.
+// Which model (0 or 1) was much less surprised by character i; null for neither, and for the context
+// character, which nobody scores.
 function lessSurprised(results, i) {
   const bits = results.map((r) => (r.per_char[i].logprob === null ? null : -r.per_char[i].logprob / Math.LN2));
   if (bits[0] === null || Math.abs(bits[0] - bits[1]) < MUCH_LESS_BITS) return null;
   return bits[0] < bits[1] ? 0 : 1;
+}
+
+// The models' ids at the start of the rows, so the first line says which row is whose.
+function rowNames(results) {
+  const names = document.createElement("span");
+  names.className = "row-names";
+  for (const result of results) {
+    const name = document.createElement("span");
+    name.textContent = name.title = result.model;
+    names.append(name);
+  }
+  return names;
 }
 
 // The text once, as columns of two cells (top: the first model, bottom: the second), so the rows stay
@@ -369,6 +381,7 @@ function lessSurprised(results, i) {
 // as a whole (a word wider than the box wraps inside itself), and a newline ends the line.
 function comparedText(results) {
   const text = document.createDocumentFragment();
+  text.append(rowNames(results));
   const wins = [0, 0];
   let word = null;
   results[0].per_char.forEach((item, i) => {
