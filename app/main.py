@@ -229,7 +229,8 @@ def create_app(settings: Settings | None = None, engine_hooks: EngineHooks | Non
     )
     app.state.settings, app.state.engine_hooks = settings, engine_hooks
     app.state.models, app.state.ready, app.state.draining = None, False, False
-    app.state.metrics = Metrics(lambda: app.state.models.loaded() if app.state.models else [])
+    app.state.metrics = Metrics(lambda: app.state.models.loaded() if app.state.models else [],
+                                lambda: app.state.models.cache if app.state.models else None)
     app.state.logprob_budget = LogprobBudget(settings.max_logprob_values_held)
     handlers.install(app)
     for module in (generate, score, openai, health, metrics, docs, playground):

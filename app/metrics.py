@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from charlm.prefix_cache import PrefixCache
 from charlm.request import GenerationResult
 
 if TYPE_CHECKING:
@@ -31,10 +32,11 @@ class _EngineCollector(Collector):
          lambda e: e.stats.batch_rows),
     )
 
-    def __init__(self, loaded: Callable[[], Sequence[Served]]):
-        self._loaded = loaded
+    def __init__(self, loaded: Callable[[], Sequence[Served]], cache: Callable[[], PrefixCache | None]):
+        self._loaded, self._cache = loaded, cache
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._cache_families()
         served = self._loaded()
         for name, doc, kind, read in self.FAMILIES:
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=["model"])
@@ -47,9 +49,22 @@ class _EngineCollector(Collector):
             loaded.add_metric([s.id, s.version], 1)
         yield loaded
 
+    def _cache_families(self) -> Iterator[Metric]:
+        cache = self._cache()
+        if cache is None:
+            return
+        stats = cache.stats
+        yield CounterMetricFamily("charlm_prefix_cache_hits", "long seeds and texts that resumed from a cached "
+                                  "prefix", value=stats.hits)
+        yield CounterMetricFamily("charlm_prefix_cache_misses", "long seeds and texts that found no cached prefix",
+                                  value=stats.misses)
+        yield CounterMetricFamily("charlm_prefix_cache_saved_characters", "characters not run through a model "
+                                  "again thanks to the prefix cache", value=stats.chars_saved)
+        yield GaugeMetricFamily("charlm_prefix_cache_bytes", "bytes the prefix cache holds", value=stats.bytes)
+
 
 class Metrics:
-    def __init__(self, loaded: Callable[[], Sequence[Served]]):
+    def __init__(self, loaded: Callable[[], Sequence[Served]], cache: Callable[[], PrefixCache | None]):
         self.registry = CollectorRegistry()
         self.requests = Counter("charlm_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
@@ -67,7 +82,7 @@ class Metrics:
                              ["model", "outcome"], registry=self.registry)
         self.load_seconds = Histogram("charlm_model_load_seconds", "time to load and warm up a model",
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
-        self.registry.register(_EngineCollector(loaded))
+        self.registry.register(_EngineCollector(loaded, cache))
 
     def record(self, model: str, result: GenerationResult | None) -> None:
         """Count a finished generation of `model` (None: a choice with nothing to generate) by its

@@ -37,6 +37,7 @@ from charlm.checkpoint import Checkpoint, CheckpointError, CheckpointHeader, loa
 from charlm.device import resolve_device
 from charlm.engine import Engine, EngineHooks
 from charlm.inputs import one_line
+from charlm.prefix_cache import PrefixCache
 from charlm.request import EngineLimits, GenerationRequest
 from charlm.scheduler import Scheduler
 
@@ -81,7 +82,8 @@ class Served:
     """A loaded model: what a request uses (its engine) and says it used (id and version)."""
 
     id: str
-    version: str
+    version: str  # the start of sha256: what responses name
+    sha256: str  # all of it: what the prefix cache keys states by
     checkpoint: Checkpoint
     engine: Engine
     path: Path
@@ -149,6 +151,7 @@ class RegistryConfig:
     max_model_bytes: int
     load_timeout: float  # how long a request waits for room to load its model
     retire_grace: float  # how long an unloaded or replaced model's work in flight may still run
+    prefix_cache_bytes: int = 0  # the prefix cache's budget, shared by all models (0: no cache)
 
 
 class ModelRegistry:
@@ -161,6 +164,7 @@ class ModelRegistry:
         self._retiring: set[asyncio.Future[None]] = set()
         self._old: set[Served] = set()  # unloaded or replaced, finishing their work
         self.scheduler = Scheduler()
+        self.cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
         self.refresh()
         self.default = self._default_id()
 
@@ -285,7 +289,7 @@ class ModelRegistry:
                 self._check_size(entry.path)
                 entry.header = (key, read_header(entry.path))
             except (OSError, ValueError) as exc:
-                entry.header = (key, one_line(exc))
+                entry.header = (key, _without_directory(one_line(exc), entry.path))
         return entry.header[1]
 
     # --- using a model ---
@@ -333,7 +337,7 @@ class ModelRegistry:
         try:
             served = await run_in_threadpool(self._load, entry.id, entry.path)
         except (OSError, ValueError) as exc:
-            message = one_line(exc)
+            message = _without_directory(one_line(exc), entry.path)
             entry.failed = (key, message)
             log.warning("model %s is unavailable: %s", entry.id, message)
             if self._metrics:
@@ -355,13 +359,13 @@ class ModelRegistry:
             raise CheckpointError(f"{path} changed while it was being loaded; try again once it is written")
         checkpoint.to(resolve_device(self.config.device))
         engine = Engine(checkpoint.model, checkpoint.vocab, self.config.limits, hooks=self._hooks,
-                        scheduler=self.scheduler)
+                        scheduler=self.scheduler, cache=self.cache, version=digest)
         try:
             _warm_up(engine)
         except BaseException:
             engine.close(0)
             raise
-        served = Served(model_id, digest[:VERSION_CHARS], checkpoint, engine, path, key)
+        served = Served(model_id, digest[:VERSION_CHARS], digest, checkpoint, engine, path, key)
         log.info("loaded model %s version %s (%d parameters) on %s in %.2f s", model_id, served.version,
                  checkpoint.model.num_parameters(), engine.device, time.perf_counter() - started)
         return served
@@ -410,6 +414,8 @@ class ModelRegistry:
                 await run_in_threadpool(served.engine.close, self.config.retire_grace)
             finally:
                 self._old.discard(served)
+                if self.cache is not None and all(s.sha256 != served.sha256 for s in self.loaded()):
+                    self.cache.drop(served.sha256)
 
         self._old.add(served)
         task = asyncio.ensure_future(wait_then_close())
@@ -494,6 +500,11 @@ def _warm_up(engine: Engine) -> None:
     """One real generation, so a loaded model is known to work, not just to have read."""
     seed = "The" if not engine.vocab.unknown("The") else engine.vocab.chars[0]
     engine.generate(GenerationRequest(seed=seed, length=16, random_seed=0), timeout=60)
+
+
+def _without_directory(message: str, path: Path) -> str:
+    """A checkpoint error as a client may see it: the file named, not where it lies on this machine."""
+    return message.replace(str(path.resolve()), path.name).replace(str(path), path.name)
 
 
 def _file_key(path: Path) -> FileKey | None:

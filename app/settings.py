@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     keep_alive: float | None = Field(None, gt=0, description="seconds a model other than the default stays "
                                      "loaded while idle (default: until evicted)")
     max_model_mb: int = Field(512, ge=1, description="model files larger than this are not loaded")
+    prefix_cache_mb: float = Field(64, ge=0, description="MiB of LSTM states kept after long prefixes, so "
+                                   "text sent again is not run again (0: off)")
     admin_key: SecretStr | None = Field(None, description="enables /admin/models/...: send Authorization: "
                                         "Bearer <admin key> (a key of its own, not the API key)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -118,6 +120,7 @@ class Settings(BaseSettings):
         return RegistryConfig(directories=directories, files=files, default=default, device=self.device,
                               limits=self.limits(), max_loaded=self.max_loaded, keep_alive=self.keep_alive,
                               max_model_bytes=self.max_model_mb * 2**20, load_timeout=self.request_timeout,
+                              prefix_cache_bytes=int(self.prefix_cache_mb * 2**20),
                               retire_grace=self.request_timeout)
 
     @model_validator(mode="after")

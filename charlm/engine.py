@@ -30,9 +30,10 @@ import torch
 from charlm import native
 from charlm.decoder import Decoder
 from charlm.handles import Generation, Handle, Scoring, running_loop
-from charlm.jobs import Job, Prefill, Row, ScoreJob
+from charlm.jobs import ChunkedJob, Job, Prefill, Row, ScoreJob
 from charlm.logprobs import sampled_logprobs, scored_logprobs
 from charlm.model import CharLSTM
+from charlm.prefix_cache import CachedState, PrefixCache, prefix_digests
 from charlm.request import (
     CharLogprob,
     EngineClosedError,
@@ -57,12 +58,29 @@ from charlm.vocab import Vocab
 __all__ = ["Engine", "EngineHooks", "EngineStats"]
 
 
+def _fewer(entry: CharLogprob, top_k: int) -> CharLogprob:
+    """A cached entry with only its top_k most likely alternatives (they were sorted over the whole
+    vocabulary, so the first top_k are what asking for top_k gives)."""
+    if not top_k:
+        return CharLogprob(entry.char, entry.logprob)
+    return CharLogprob(entry.char, entry.logprob, entry.top_chars[:top_k], entry.top_logprobs[:top_k])
+
+
 # Seeds up to this many characters are prefilled together, through the decoder's batched steps.
 SHORT_SEED = 64
 
 # Longer seeds, and texts to score, go through nn.LSTM in chunks of this many characters, one budget
 # of them per loop.
 PREFILL_CHUNK = 512
+
+
+def chunk_end(pos: int, end: int) -> int:
+    """Where the chunk of text [pos, end) that starts at `pos` ends: a whole PREFILL_CHUNK, else the
+    largest power of two that fits. So nn.LSTM only ever sees 10 lengths: oneDNN keeps a compiled
+    primitive for every length it is given (0.6 MiB each for the shipped model, up to 1,024 of them),
+    and a client choosing its text's length must not choose how much memory the server keeps."""
+    left = end - pos
+    return pos + (PREFILL_CHUNK if left >= PREFILL_CHUNK else 1 << (left.bit_length() - 1))
 
 
 @dataclass(frozen=True)
@@ -96,10 +114,12 @@ class Engine:
     """Continuous-batching text generation (and scoring) over one model, on CPU or CUDA."""
 
     def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None, use_native: bool = True,
-                 hooks: EngineHooks | None = None, scheduler: Scheduler | None = None):
+                 hooks: EngineHooks | None = None, scheduler: Scheduler | None = None,
+                 cache: PrefixCache | None = None, version: str = ""):
         """`use_native=False` runs on PyTorch alone even where the native kernels are built; `hooks`
         act inside the worker (see EngineHooks); `scheduler` is the worker shared with other models'
-        engines (charlm/scheduler.py), else the engine gets one of its own."""
+        engines (charlm/scheduler.py), else the engine gets one of its own; `cache` keeps states after
+        long prefixes under `version`, which must name these weights and no others."""
         self.model = model.eval()
         self.vocab = vocab
         self.limits = limits or EngineLimits()
@@ -119,6 +139,7 @@ class Engine:
         self._unfinished = 0  # jobs submitted and not yet finished, wherever they are
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()  # finish counters are also written by withdrawing consumers
+        self._cache, self._version = cache, version
         self._owns_scheduler = scheduler is None
         self._scheduler = scheduler or Scheduler()
         self._scheduler.add(self)
@@ -254,8 +275,9 @@ class Engine:
         Short seeds (up to SHORT_SEED characters) admitted together are prefilled together, through
         the decoder's own steps: 64 simultaneous requests get their first characters after one
         shared pass instead of 64 passes one after another. Longer seeds, and texts to score, go
-        through nn.LSTM in fixed chunks of PREFILL_CHUNK characters, a budget's worth per loop
-        iteration, so a huge seed or text is interleaved with decode steps instead of stalling them.
+        through nn.LSTM in chunks of PREFILL_CHUNK characters (the rest in power-of-two pieces,
+        chunk_end), a budget's worth per loop iteration, so a huge seed or text is interleaved with
+        decode steps instead of stalling them.
         Which path a seed takes and where its chunks end depend only on the seed, so its text never
         depends on others.
         """
@@ -314,7 +336,9 @@ class Engine:
                 self._finish_unstarted(handle, time.perf_counter(), reason)
                 continue
             if isinstance(handle, Scoring):
-                self._prefilling.append(ScoreJob(self._encode(handle.request.text), scoring=handle))
+                score_job = ScoreJob(self._encode(handle.request.text), scoring=handle)
+                self._resume_scoring(score_job, handle.request.text, handle.request.top_k)
+                self._prefilling.append(score_job)
                 continue
             assert isinstance(handle, Generation)
             seed = handle.request.seed
@@ -324,8 +348,57 @@ class Engine:
             elif leader := self._prefilling_seed(seed):
                 leader.followers.append(job)
             else:
+                self._resume_prefill(job, seed)
                 self._prefilling.append(job)
         return short
+
+    # --- the prefix cache (charlm/prefix_cache.py) ---
+    def _digests(self, job: ChunkedJob, text: str) -> list[int]:
+        """Give `job` the digests of its text's prefixes the cache keys; return its chunk boundaries."""
+        bounds = list(range(PREFILL_CHUNK, len(text), PREFILL_CHUNK))
+        job.digests = prefix_digests(text, sorted({*bounds, *(b + 1 for b in bounds), len(text)}))
+        return bounds
+
+    def _resume_prefill(self, job: Prefill, seed: str) -> None:
+        """Start a long seed from the longest prefix of it the cache holds (all of it, with the logits
+        that follow it, when the same seed came before)."""
+        if self._cache is None:
+            return
+        bounds = self._digests(job, seed)
+        found = self._cache.get((self._version, "end", job.digests[len(seed)]))
+        if found is not None and found.logits is not None:
+            job.pos, job.state, job.end_logits = len(seed), (found.h, found.c), found.logits
+        else:
+            for b in reversed(bounds):
+                if (found := self._cache.get((self._version, "state", job.digests[b]))) is not None:
+                    job.pos, job.state = b, (found.h, found.c)
+                    break
+        self._cache.counted(job.pos)
+
+    def _resume_scoring(self, job: ScoreJob, text: str, top_k: int) -> None:
+        """Start a scored text after the longest run of whole chunks whose entries the cache holds (with
+        at least `top_k` alternatives each) and whose end state it holds."""
+        if self._cache is None:
+            return
+        entries: list[CharLogprob] = []
+        resumed: tuple[int, CachedState] | None = None
+        for b in self._digests(job, text):
+            scores = self._cache.get((self._version, "scores", job.digests[b + 1]))
+            state = self._cache.get((self._version, "state", job.digests[b]))
+            if scores is None or scores.scores is None or scores.top_k < top_k or state is None:
+                break
+            entries += scores.scores if scores.top_k == top_k else [_fewer(e, top_k) for e in scores.scores]
+            resumed = b, state
+        if resumed is not None:
+            job.pos, job.state = resumed[0], (resumed[1].h, resumed[1].c)
+            job.per_char = [CharLogprob(text[0], None), *entries]
+        self._cache.counted(job.pos)
+
+    def _keep(self, job: ChunkedJob, kind: str, length: int, **extra: Any) -> None:
+        """Cache `job`'s state after its first `length` characters (they end a whole chunk, or its text)."""
+        if self._cache is not None and job.state is not None and length in job.digests:
+            h, c = job.state
+            self._cache.put((self._version, kind, job.digests[length]), CachedState(h, c, **extra))
 
     def _encode(self, text: str) -> torch.Tensor:
         """`text` as a batch of one row of ids on the model's device, as nn.LSTM takes it."""
@@ -366,41 +439,57 @@ class Engine:
             self._fail([job.gen for job in jobs], f"prefill failed: {exc}")
 
     def _prefill_chunk(self, job: Prefill) -> int:
-        """Run the next chunk of a seed through nn.LSTM; at its end, sample the first character of
-        the job's request and of each follower."""
-        chunk = job.ids[:, job.pos : job.pos + PREFILL_CHUNK]
+        """Run the next chunk of a seed through nn.LSTM (keeping the state at its end in the prefix
+        cache); at the seed's end, sample the first character of the job's request and of each follower."""
+        seed_chars = job.ids.size(1)
+        if job.end_logits is not None:  # the whole seed came from the cache
+            self._prefilling.popleft()
+            self._start_prefilled(job, job.end_logits[None])
+            return 1
+        chunk = job.ids[:, job.pos : chunk_end(job.pos, seed_chars)]
         started = time.perf_counter()
         logits, job.state, _ = self.model(chunk, job.state)
         job.pos += chunk.size(1)
         job.seconds += time.perf_counter() - started
-        if job.pos < job.ids.size(1):
+        if job.pos < seed_chars:
+            self._keep(job, "state", job.pos)
             self._prefilling.rotate(-1)  # round robin: a long seed does not hold up short ones
             return chunk.size(1)
         self._prefilling.popleft()
+        last = logits[0, -1:]
+        self._keep(job, "end", seed_chars, logits=last[0].clone())
+        self._start_prefilled(job, last)
+        return chunk.size(1)
+
+    def _start_prefilled(self, job: Prefill, last: torch.Tensor) -> None:
+        """Sample the first character of a prefilled job's request and of each follower from `last`
+        (1, vocab), and give them rows with the job's final state."""
         assert job.state is not None
         h, c = job.state[0][:, 0], job.state[1][:, 0]
         jobs = [job, *job.followers]
         for follower in job.followers:
             follower.seconds = job.seconds
-        last = logits[:, -1].expand(len(jobs), -1)
-        self._start_rows(jobs, last, lambda _, slot: self._decoder.load_row(slot, h, c))
-        return chunk.size(1)
+        self._start_rows(jobs, last.expand(len(jobs), -1), lambda _, slot: self._decoder.load_row(slot, h, c))
 
     def _score_chunk(self, job: ScoreJob) -> int:
         """Run the next chunk of a text through nn.LSTM and score the characters it predicts; at the
         end of the text, finish the job. Each position's logits predict the next character, so the
         chunks feed every character but the last."""
         predicted = job.ids.size(1) - 1
-        chunk = job.ids[:, job.pos : min(job.pos + PREFILL_CHUNK, predicted)]
+        chunk = job.ids[:, job.pos : chunk_end(job.pos, predicted)]
         started = time.perf_counter()
         logits, job.state, _ = self.model(chunk, job.state)
         n = chunk.size(1)
         targets = job.ids[0, job.pos + 1 : job.pos + 1 + n].tolist()
         if job.pos == 0:
             job.per_char.append(CharLogprob(self.vocab.chars[int(job.ids[0, 0])], None))
-        job.per_char += scored_logprobs(logits[0], targets, job.scoring.request.top_k, self.vocab.chars)
+        top_k = job.scoring.request.top_k
+        job.per_char += scored_logprobs(logits[0], targets, top_k, self.vocab.chars)
         job.pos += n
         job.seconds += time.perf_counter() - started
+        if n == PREFILL_CHUNK and job.pos % PREFILL_CHUNK == 0:  # a whole chunk, where a prefill's ends too
+            self._keep(job, "state", job.pos)
+            self._keep(job, "scores", job.pos + 1, scores=tuple(job.per_char[-n:]), top_k=top_k)
         if job.pos < predicted:
             self._prefilling.rotate(-1)  # round robin with long seeds and other texts
             return n

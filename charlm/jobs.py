@@ -27,6 +27,9 @@ class ChunkedJob:
     _: KW_ONLY
     pos: int = 0  # characters fed to the model so far
     state: tuple[torch.Tensor, torch.Tensor] | None = None
+    # sha256 of the text's prefixes that the prefix cache keys (charlm/prefix_cache.py), by length;
+    # empty when there is no cache.
+    digests: dict[int, bytes] = field(default_factory=dict)
     seconds: float = 0.0
     admitted: float = field(default_factory=time.perf_counter)
 
@@ -36,6 +39,7 @@ class Prefill(ChunkedJob):
     """A request whose seed is being run through the LSTM, chunk by chunk."""
 
     gen: Generation
+    end_logits: torch.Tensor | None = None  # (vocab,) from the cache, when the whole seed was found there
     # Requests with the same long seed admitted while this one prefills (the n choices of one prompt):
     # they take its final state instead of computing the same chunks again.
     followers: list[Prefill] = field(default_factory=list)

@@ -442,6 +442,25 @@ def test_memory_does_not_grow_across_2000_requests(engine: Engine) -> None:
     assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 2000 requests"
 
 
+def test_memory_does_not_grow_with_the_number_of_seed_lengths(tiny: Checkpoint) -> None:
+    """oneDNN keeps a compiled primitive per sequence length nn.LSTM is given (0.6 MiB each here, up to
+    1,024): seeds and texts of 300 different lengths grew the process by 185 MiB before chunks were cut
+    to 10 lengths (charlm/engine.py chunk_end)."""
+    from tests.conftest import make_corpus
+
+    text = make_corpus(200, seed=11)
+    limits = EngineLimits(max_seed_chars=5000, max_score_chars=5000)
+    with Engine(tiny.model, tiny.vocab, limits) as eng:
+        eng.generate(GenerationRequest(text[:1024], length=2))  # every piece length once: 512, 256, ... 1
+        eng.score(ScoreRequest(text[:1025])).result(timeout=60)
+        before = rss_bytes()
+        for n in range(600, 900):
+            eng.generate(GenerationRequest(text[:n], length=2, random_seed=1))
+            eng.score(ScoreRequest(text[:n])).result(timeout=60)
+        grown = rss_bytes() - before
+    assert grown < 24 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 300 seed lengths"
+
+
 def test_close_lets_in_flight_work_finish_within_the_grace(tiny: Checkpoint) -> None:
     eng = Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=2))
     gens = [eng.submit(GenerationRequest("The ", length=300, random_seed=s)) for s in range(3)]
@@ -594,7 +613,7 @@ def test_stop_strings_cut_the_logprobs_with_the_text(engine: Engine) -> None:
 
 
 def test_requests_with_the_same_long_seed_share_one_prefill(tiny: Checkpoint) -> None:
-    seed = ("The engineer and the sailor walked along the shore. " * 12)[:600]  # two chunks of PREFILL_CHUNK
+    seed = ("The engineer and the sailor walked along the shore. " * 16)[:768]  # a chunk of 512, then one of 256
     requests = [GenerationRequest(seed, length=40, random_seed=s) for s in range(3)]
     expected = [solo(tiny, r) for r in requests]
     with Engine(tiny.model, tiny.vocab, EngineLimits(max_batch=8)) as eng:
@@ -743,5 +762,6 @@ def test_greedy_logprobs_and_shared_prefills_on_the_path_cuda_takes(tiny: Checkp
         results = [g.result(timeout=60) for g in eng.submit_many(requests)]
         scored = eng.score(ScoreRequest("The engineer", top_k=2)).result(timeout=60)
     assert {r.generated for r in results} == {greedy(tiny, "The engineer", 60)}
-    assert calls == [2]  # one prefill for the three requests, one chunk for the scoring
+    # One prefill for the three requests (12 characters: pieces of 8 and 4), one scoring (11: 8, 2, 1).
+    assert calls == [5]
     assert all(len(r.logprobs or []) == 60 for r in results) and scored.chars == 11

@@ -155,8 +155,10 @@ def test_a_damaged_model_fails_only_its_own_requests(client: TestClient, models_
     (models_dir / "broken.safetensors").write_bytes(b"\x00" * 100)
     listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert listed["broken"]["status"] == "unavailable" and "not a readable safetensors" in listed["broken"]["error"]
+    assert str(models_dir) not in listed["broken"]["error"]  # the file's name, not where it lies
     error = assert_error(client.post("/generate", json={"seed": "The", "model": "broken"}), 503, "not_ready")
-    assert "not a readable safetensors file" in error["message"]
+    assert "broken.safetensors is not a readable safetensors file" in error["message"]
+    assert str(models_dir) not in error["message"]
     message = assert_openai_error(client.post("/v1/completions", json={"model": "broken", "prompt": "The"}), 503,
                                   "model", "model_unavailable")
     assert "broken" in message

@@ -1,0 +1,124 @@
+"""The prefix cache: LSTM states after prefixes of long texts, so that text sent again is not run again.
+
+An LSTM's state after any prefix is a few kilobytes (layers x (h, c) x hidden floats) whatever the
+prefix's length, where a transformer's key-value cache grows with it. The engine runs long seeds and
+scored texts through nn.LSTM in chunks aligned at multiples of PREFILL_CHUNK from the start, and
+keeps here the state at each chunk boundary (and at the end of a seed, with the logits that follow
+it). A later text resumes from the longest prefix found and runs only the rest, in the same chunks
+an uncached run would use: the state it resumes from is the one that run computes there, bit for
+bit, so the text never depends on the cache. A scored chunk also keeps its per-character entries, so
+a growing document is scored again only from its last boundary.
+
+Entries are keyed by the model's version (never shared between models or versions) and the sha256
+of the prefix (the text itself is not kept), and evicted least recently used past the byte budget.
+The engines' worker fills and reads it; the registry drops a version's entries from the event loop,
+so every operation takes a lock (uncontended: the cost of a few attribute reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from charlm.request import CharLogprob
+
+__all__ = ["CachedState", "CacheStats", "PrefixCache", "prefix_digests"]
+
+# Bytes an entry costs besides its tensors: the key, the record, the ordered dict's node.
+ENTRY_OVERHEAD = 400
+# Bytes a cached per-character entry costs (a CharLogprob with its packed alternatives).
+SCORE_ENTRY_BYTES = 250
+
+
+@dataclass(frozen=True)
+class CachedState:
+    """The LSTM state after a prefix, as nn.LSTM takes it: h and c of shape (layers, 1, hidden)."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    logits: torch.Tensor | None = None  # (vocab,) predicting the character after the prefix; at a seed's end
+    scores: tuple[CharLogprob, ...] | None = None  # the entries of the scored chunk that ends here
+    top_k: int = 0  # how many alternatives each of `scores` holds
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.h, self.c, self.logits) if t is not None]
+        return (ENTRY_OVERHEAD + sum(t.numel() * t.element_size() for t in tensors)
+                + len(self.scores or ()) * SCORE_ENTRY_BYTES)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # texts that resumed from a cached prefix
+    misses: int = 0  # texts that found none
+    chars_saved: int = 0  # characters not run through the model again
+    bytes: int = 0  # held now
+    entries: int = 0
+
+
+Key = tuple[str, str, bytes]  # (model version, kind, sha256 of the prefix)
+
+
+class PrefixCache:
+    """Least-recently-used states by (model version, kind, prefix digest), within `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Key, CachedState] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    def get(self, key: Key) -> CachedState | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: Key, entry: CachedState) -> None:
+        size = entry.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.stats.bytes -= old.nbytes
+            self._entries[key] = entry
+            self.stats.bytes += size
+            while self.stats.bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.stats.bytes -= evicted.nbytes
+            self.stats.entries = len(self._entries)
+
+    def drop(self, version: str) -> None:
+        """Forget a model version's states (it was unloaded or replaced)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == version]:
+                self.stats.bytes -= self._entries.pop(key).nbytes
+            self.stats.entries = len(self._entries)
+
+    def counted(self, saved: int) -> None:
+        """Count a text that looked here: `saved` characters it did not run again (0: a miss)."""
+        with self._lock:
+            if saved:
+                self.stats.hits += 1
+                self.stats.chars_saved += saved
+            else:
+                self.stats.misses += 1
+
+
+def prefix_digests(text: str, lengths: Sequence[int]) -> dict[int, bytes]:
+    """sha256 of text[:n] for each n in `lengths` (ascending), in one pass over the text."""
+    digest = hashlib.sha256()
+    out: dict[int, bytes] = {}
+    done = 0
+    for n in lengths:
+        digest.update(text[done:n].encode("utf-8", "surrogatepass"))
+        done = n
+        out[n] = digest.copy().digest()
+    return out
