@@ -49,7 +49,7 @@ class FakeEngine:
 
 def schedule(costs: dict[str, float], turns: dict[str, int], b_after: int = 0) -> list[str]:
     """The order in which the scheduler runs fake engines A and B (B gets work once A ran b_after times)."""
-    clock, log, done = FakeClock(), [], threading.Event()
+    clock, log, done = FakeClock(), list[str](), threading.Event()
     engines = {name: FakeEngine(name, costs[name], turns[name], clock, log) for name in costs}
     engines["B"].done = done
     engines["B"].after = (engines["A"], b_after)
