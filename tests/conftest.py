@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from charlm.checkpoint import Checkpoint, load_checkpoint
+from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from charlm.engine import Engine
+from charlm.model import CharLSTM
 from charlm.train import train
 from charlm.train_config import TrainConfig
 
@@ -68,3 +70,21 @@ def default_engine(app: Any) -> Engine:
     assert served is not None, "the default model is not loaded"
     engine: Engine = served.engine
     return engine
+
+
+def make_other(tiny: Checkpoint, path: Path, scale: float = 0.8) -> Path:
+    """A second model: the tiny one's weights scaled (another distribution over the same characters)."""
+    other = CharLSTM(tiny.model.config)
+    other.load_state_dict({k: v * scale for k, v in tiny.model.state_dict().items()})
+    save_checkpoint(path, other, tiny.vocab, {**tiny.train, "val_bpc": 9.5})
+    return path
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_checkpoint_path: Path, tiny: Checkpoint) -> Path:
+    """A directory of two models: a (the tiny one) and b (make_other of it)."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    shutil.copy(tiny_checkpoint_path, directory / "a.safetensors")
+    make_other(tiny, directory / "b.safetensors")
+    return directory

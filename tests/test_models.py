@@ -19,31 +19,14 @@ from safetensors.torch import save_file
 
 from app.main import create_app
 from app.settings import Settings
-from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from charlm.checkpoint import Checkpoint, load_checkpoint
 from charlm.engine import Engine
-from charlm.model import CharLSTM
 from charlm.request import GenerationRequest
+from tests.conftest import make_other
 from tests.test_openai import assert_openai_error
 from tests.test_service import assert_error
 
 ADMIN = "admin-s3cret"
-
-
-def make_other(tiny: Checkpoint, path: Path, scale: float = 0.8) -> Path:
-    """A second model: the tiny one's weights scaled (another distribution over the same characters)."""
-    other = CharLSTM(tiny.model.config)
-    other.load_state_dict({k: v * scale for k, v in tiny.model.state_dict().items()})
-    save_checkpoint(path, other, tiny.vocab, {**tiny.train, "val_bpc": 9.5})
-    return path
-
-
-@pytest.fixture
-def models_dir(tmp_path: Path, tiny_checkpoint_path: Path, tiny: Checkpoint) -> Path:
-    directory = tmp_path / "models"
-    directory.mkdir()
-    shutil.copy(tiny_checkpoint_path, directory / "a.safetensors")
-    make_other(tiny, directory / "b.safetensors")
-    return directory
 
 
 def settings(directory: Path, **overrides: Any) -> Settings:

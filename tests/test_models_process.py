@@ -18,17 +18,9 @@ import pytest
 from charlm.checkpoint import Checkpoint, load_checkpoint
 from charlm.engine import Engine
 from charlm.request import EngineLimits, GenerationRequest
+from tests.conftest import make_other
 from tests.server import Server, running_server
-from tests.test_models import make_other, version_of
-
-
-@pytest.fixture
-def models_dir(tmp_path: Path, tiny_checkpoint_path: Path, tiny: Checkpoint) -> Path:
-    directory = tmp_path / "models"
-    directory.mkdir()
-    shutil.copy(tiny_checkpoint_path, directory / "a.safetensors")
-    make_other(tiny, directory / "b.safetensors")
-    return directory
+from tests.test_models import version_of
 
 
 def serve(directory: Path, **env: str) -> Any:

@@ -4,7 +4,6 @@ out is bit for bit what an uncached run gives, on every decode path, for generat
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ from charlm.engine import PREFILL_CHUNK, Engine
 from charlm.model import CharLSTM
 from charlm.prefix_cache import PrefixCache
 from charlm.request import EngineLimits, GenerationRequest, ScoreRequest, ScoreResult
-from tests.conftest import make_corpus
+from tests.conftest import make_corpus, make_other
 from tests.test_engine import rss_bytes
-from tests.test_models import make_other, settings, version_of
+from tests.test_models import settings, version_of
 
 TEXT = make_corpus(400, seed=5)
 LIMITS = EngineLimits(max_seed_chars=20_000, max_score_chars=20_000)
@@ -133,10 +132,3 @@ def test_no_cache_when_its_size_is_zero(models_dir: Path) -> None:
         assert "charlm_prefix_cache" not in c.get("/metrics").text
 
 
-@pytest.fixture
-def models_dir(tmp_path: Path, tiny_checkpoint_path: Path, tiny: Checkpoint) -> Path:
-    directory = tmp_path / "models"
-    directory.mkdir()
-    shutil.copy(tiny_checkpoint_path, directory / "a.safetensors")
-    make_other(tiny, directory / "b.safetensors")
-    return directory
