@@ -62,7 +62,10 @@ class Decoder:
     `_Linear` for how rows stay exact there).
     """
 
-    def __init__(self, model: CharLSTM, rows: int, kernels: native.Kernels | None = None):
+    def __init__(self, model: CharLSTM, rows: int, kernels: native.Kernels | None = None,
+                 weights: native.WeightFormat = "fp32"):
+        """`weights` is the format of the decode weights (native.pack); formats other than fp32 need
+        the kernels. Raises native.WeightsError when the weights cannot be held in that format."""
         cfg = model.config
         dev = model.fc.weight.device
         self.layers, self.hidden, self.rows = cfg.layers, cfg.hidden, rows
@@ -71,27 +74,44 @@ class Decoder:
         embedding = model.embedding.weight.detach().float()
         table0 = embedding @ w["weight_ih_l0"].t() + w["bias_ih_l0"] + w["bias_hh_l0"]
         self.table0 = table0[:, order].contiguous()
-        weights = [(w["weight_hh_l0"][order], None)] + [
+        layers = [(w["weight_hh_l0"][order], None)] + [
             (
                 torch.cat([w[f"weight_ih_l{k}"], w[f"weight_hh_l{k}"]], dim=1)[order],
                 (w[f"bias_ih_l{k}"] + w[f"bias_hh_l{k}"])[order],
             )
             for k in range(1, cfg.layers)
         ]
-        weights.append((model.fc.weight.detach().float(), model.fc.bias.detach().float()))
+        layers.append((model.fc.weight.detach().float(), model.fc.bias.detach().float()))
         self.kernels = kernels if dev.type == "cpu" else None
+        self.weights = weights
+        self._fp32_bytes = sum(t.numel() * 4 for layer in layers for t in layer if t is not None)
+        if weights != "fp32" and (broken := [n for n, p in model.named_parameters() if not p.isfinite().all()]):
+            raise native.WeightsError(f"{broken[0]} holds NaN or infinite values: the model cannot be decoded")
+        if self.kernels is None and weights != "fp32":
+            raise native.WeightsError(f"{weights} decode weights need the native kernels (a CPU device and the "
+                                      "compiled extension); this decoder runs PyTorch: use fp32")
         if self.kernels is not None:
-            self._packed = [native.pack(weight, bias) for weight, bias in weights]
+            names = [f"LSTM layer {k}" for k in range(cfg.layers)] + ["the output layer"]
+            self._packed = [native.pack(weight, bias, weights, name) for (weight, bias), name in zip(layers, names)]
+            self._scratch = native.scratch_for(self._packed, rows)
+            self._scratch_at = 0 if self._scratch is None else self._scratch.data_ptr()
             self._gates = torch.empty(rows, 4 * cfg.hidden)
             self._logits = torch.empty(rows, cfg.vocab_size)
             self.row_invariant = True
         else:
-            linears = [_Linear(weight, bias) for weight, bias in weights]
+            linears = [_Linear(weight, bias) for weight, bias in layers]
             self.proj, self.fc = linears[:-1], linears[-1]
             self.row_invariant = self.fc.row_invariant
         self.h = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
         self.c = torch.zeros(cfg.layers, rows, cfg.hidden, device=dev)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one step reads (the embedding table aside: a step reads one row of it)."""
+        if self.kernels is not None:
+            return sum(p.nbytes for p in self._packed)
+        return self._fp32_bytes
 
     def _advance(self, a: int, b: int) -> None:
         """Feed rows [a, b) their token in `self.tokens`."""
@@ -123,11 +143,11 @@ class Decoder:
         for k, packed in enumerate(self._packed[:-1]):
             h, c = self._row_address(self.h, k, a), self._row_address(self.c, k, a)
             if k == 0:  # layer 0 adds the table row of each row's token
-                linear(n, h, hs, hs, None, 0, 0, packed.panels.data_ptr(), 4 * hs, self.table0.data_ptr(), tokens,
-                       gates, 4 * hs, threads)  # fmt: skip
+                linear(n, h, hs, hs, None, 0, 0, packed.address, self.table0.data_ptr(), tokens, gates, 4 * hs,
+                       self._scratch_at, threads)  # fmt: skip
             else:
-                linear(n, x, hs, hs, h, hs, hs, packed.panels.data_ptr(), 4 * hs, packed.bias_address, None,
-                       gates, 4 * hs, threads)  # fmt: skip
+                linear(n, x, hs, hs, h, hs, hs, packed.address, packed.bias_address, None, gates, 4 * hs,
+                       self._scratch_at, threads)  # fmt: skip
             cell(n, gates, 4 * hs, c, h, hs, hs, threads)
             x = h
 
@@ -140,9 +160,9 @@ class Decoder:
         if self.kernels is None:
             return self.fc(self.h[-1, a:b])
         fc, hs = self._packed[-1], self.hidden
-        self.kernels.linear_at(b - a, self._row_address(self.h, self.layers - 1, a), hs, hs, None, 0, 0,
-                               fc.panels.data_ptr(), fc.outputs, fc.bias_address, None,
-                               self._logits[a:b].data_ptr(), fc.outputs, torch.get_num_threads())  # fmt: skip
+        self.kernels.linear_at(b - a, self._row_address(self.h, self.layers - 1, a), hs, hs, None, 0, 0, fc.address,
+                               fc.bias_address, None, self._logits[a:b].data_ptr(), fc.outputs, self._scratch_at,
+                               torch.get_num_threads())  # fmt: skip
         return self._logits[a:b]
 
     def step(self, n: int) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """The compiled decode kernels: built by the install, rows independent of each other, PyTorch's math."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -51,19 +54,85 @@ def test_linear_adds_the_table_row_each_row_names(kernels: native.Kernels) -> No
     assert torch.equal(got, kernels.linear(native.pack(weight), x) + table[ids])
 
 
-@pytest.mark.parametrize("outputs, inputs", SHAPES)
-def test_portable_code_gives_the_same_bits_as_avx2(kernels: native.Kernels, outputs: int, inputs: int) -> None:
-    if not kernels.uses_avx2:
-        pytest.skip("no AVX2 on this machine: only the portable code runs")
-    gen = torch.Generator().manual_seed(2)
-    packed = native.pack(torch.randn(outputs, inputs, generator=gen), torch.randn(outputs, generator=gen))
-    x = torch.randn(3, inputs, generator=gen)
-    fast = kernels.linear(packed, x)
-    kernels.force_portable(True)
+@contextmanager
+def running(kernels: native.Kernels, isa: str) -> Iterator[None]:
+    """Force one code path for the block (the machine must have it), then go back to the best."""
+    kernels.use(isa)
     try:
-        assert torch.equal(kernels.linear(packed, x), fast)
+        yield
     finally:
-        kernels.force_portable(False)
+        kernels.use("auto")
+
+
+def int8_reference(packed: native.Packed, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernels must give, bit for bit, written with PyTorch: each row's inputs rounded to
+    int8 by its own scale, the weights by each output row's, exact integer sums (float64 holds them),
+    then the kernels' float epilogue."""
+    most = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(most > 0, torch.tensor(127.0) / most, torch.tensor(0.0))
+    q = (x * inv).round().clamp(-127, 127)
+    assert packed.scale is not None
+    scale = packed.scale[: packed.outputs]
+    wq = torch.where(scale[:, None] > 0, weight / scale.clamp_min(1e-38)[:, None], 0.0).round().clamp(-127, 127)
+    sums = (q.double() @ wq.double().t()).float()  # exact: every partial sum is an integer below 2**31
+    y = sums * ((most / 127.0) * scale[None, :])
+    return y + packed.bias if packed.bias is not None else y
+
+
+@pytest.mark.parametrize("fmt", native.WEIGHT_FORMATS)
+@pytest.mark.parametrize("outputs, inputs", SHAPES)
+def test_every_code_path_gives_the_same_bits_in_every_format(
+    kernels: native.Kernels, fmt: native.WeightFormat, outputs: int, inputs: int
+) -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(outputs, inputs, generator=gen) * 0.1, torch.randn(outputs, generator=gen)
+    packed = native.pack(weight, bias, fmt)
+    x = torch.randn(9, inputs, generator=gen)
+    results = {}
+    for isa in kernels.available():
+        with running(kernels, isa):
+            full = kernels.linear(packed, x)
+            for rows in (1, 2, 3, 5):  # alone, in a block, with a remainder: the same bits
+                assert torch.equal(kernels.linear(packed, x[:rows]), full[:rows]), (isa, rows)
+                assert torch.equal(kernels.linear(packed, x[rows : rows + 1]), full[rows : rows + 1]), (isa, rows)
+            results[isa] = full
+    assert len(results) >= 2, "only the portable code runs here"
+    first = next(iter(results.values()))
+    for isa, full in results.items():
+        assert torch.equal(full, first), isa
+    if fmt == "bf16":  # the fp32 arithmetic on the rounded weights
+        assert torch.equal(first, kernels.linear(native.pack(weight.bfloat16().float(), bias), x))
+    if fmt == "int8":
+        assert torch.equal(first, int8_reference(packed, weight, x))
+    exact = x.double() @ weight.double().t() + bias.double()
+    error = float((first.double() - exact).norm() / exact.norm())  # relative: rounding the inputs is all it costs
+    assert error < {"fp32": 1e-6, "bf16": 0.01, "int8": 0.02}[fmt], error
+
+
+def test_a_code_path_the_cpu_lacks_is_refused_naming_what_it_lacks(kernels: native.Kernels,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native.Kernels, "cpu_features", property(lambda self: {"avx2", "fma"}))
+    monkeypatch.setattr(kernels._lib, "charlm_set_isa", lambda level: -1 if level == 2 else level)
+    with pytest.raises(native.UnsupportedISA, match=r"avx512 kernels need avx512f, avx512bw, avx512_vnni.*"
+                                                      r"can run portable, avx2"):
+        kernels.use("avx512")
+    with pytest.raises(native.UnsupportedISA, match="unknown kernel path 'neon'"):
+        kernels.use("neon")
+
+
+def test_int8_and_bf16_refuse_weights_they_cannot_hold() -> None:
+    weight = torch.randn(32, 64) * 0.1
+    weight[5, 3] = 1e30  # one weight that dwarfs its row: int8 would round the rest of the row to 0
+    with pytest.raises(native.WeightsError, match=r"layer X row 5: int8 rounding would change it by 100%"):
+        native.pack(weight, None, "int8", "layer X")
+    native.pack(weight, None, "bf16")  # bf16 keeps 8 exponent bits: it holds this
+    weight[5, 3] = 3.4e38  # rounds past bf16's largest value
+    with pytest.raises(native.WeightsError, match="beyond bf16's range"):
+        native.pack(weight, None, "bf16")
+    weight[5, 3] = float("nan")
+    for fmt in ("bf16", "int8"):
+        with pytest.raises(native.WeightsError, match="NaN or infinite"):
+            native.pack(weight, None, fmt)  # type: ignore[arg-type]
 
 
 def reference_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +152,11 @@ def test_lstm_cell_matches_the_lstm_equations(kernels: native.Kernels, hidden: i
     c_ref, h_ref = reference_cell(gates, c0)
     assert torch.allclose(c.double(), c_ref, atol=1e-6, rtol=1e-6)
     assert torch.allclose(h.double(), h_ref, atol=1e-6)
-    c2, h2 = c0.clone(), torch.empty(5, hidden)
-    kernels.force_portable(True)
-    try:
-        kernels.lstm_cell(gates, c2, h2)
-    finally:
-        kernels.force_portable(False)
-    assert torch.equal(c2, c) and torch.equal(h2, h)
+    for isa in kernels.available():
+        c2, h2 = c0.clone(), torch.empty(5, hidden)
+        with running(kernels, isa):
+            kernels.lstm_cell(gates, c2, h2)
+        assert torch.equal(c2, c) and torch.equal(h2, h), isa
 
 
 def test_sampler_draws_what_sample_rows_draws(kernels: native.Kernels) -> None:
