@@ -68,3 +68,13 @@ def test_the_service_on_cuda(tiny_checkpoint_path: Path) -> None:
             assert choice["logprobs"]["token_logprobs"][: len(TEXT)] == [e["logprob"] for e in scored]
         with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as r:
             assert r.status_code == 200 and "[DONE]" in r.read().decode()
+
+
+def test_training_steps_on_cuda(corpus_path: Path, tmp_path: Path) -> None:
+    from charlm.train import train
+    from tests.conftest import tiny_config
+
+    out = tmp_path / "m.safetensors"
+    result = train(tiny_config(corpus_path, out, device="cuda", steps=60, eval_interval=30))
+    assert math.isfinite(result.best_val_bpc)
+    assert load_checkpoint(out, torch.device("cuda")).model.fc.weight.device.type == "cuda"
