@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="default: $CHARLM_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $CHARLM_PORT or 8000")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: $CHARLM_DEVICE or auto)")
+    p.add_argument("--weights", help="decode weight format of every model: fp32, bf16 or int8 (default: "
+                   "$CHARLM_WEIGHTS, else each checkpoint's own)")
+    p.add_argument("--kernels", help="the decode kernels' code path: auto, portable, avx2 or avx512 (default: "
+                   "$CHARLM_KERNELS or auto)")
     return p
 
 

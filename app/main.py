@@ -24,7 +24,7 @@ from app.metrics import Metrics
 from app.registry import ModelRegistry, ModelUnavailable
 from app.routes import admin, docs, generate, health, metrics, openai, playground, score
 from app.settings import Settings
-from charlm import __version__
+from charlm import __version__, native
 from charlm.engine import EngineHooks
 
 log = logging.getLogger("charlm")
@@ -36,6 +36,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if (kernels := native.load()) is not None:
+        kernels.use(settings.kernels)  # checked by the settings: this CPU runs it
     models = ModelRegistry(settings.registry_config(), hooks=app.state.engine_hooks, metrics=app.state.metrics)
     app.state.models = models
     try:

@@ -37,6 +37,7 @@ from charlm.checkpoint import Checkpoint, CheckpointError, CheckpointHeader, loa
 from charlm.device import resolve_device
 from charlm.engine import Engine, EngineHooks
 from charlm.inputs import one_line
+from charlm.native import WeightFormat
 from charlm.prefix_cache import PrefixCache
 from charlm.request import EngineLimits, GenerationRequest
 from charlm.scheduler import Scheduler
@@ -152,6 +153,7 @@ class RegistryConfig:
     load_timeout: float  # how long a request waits for room to load its model
     retire_grace: float  # how long an unloaded or replaced model's work in flight may still run
     prefix_cache_bytes: int = 0  # the prefix cache's budget, shared by all models (0: no cache)
+    weights: WeightFormat | None = None  # every model's decode weights (None: each checkpoint's own)
 
 
 class ModelRegistry:
@@ -269,7 +271,7 @@ class ModelRegistry:
         error: str | None = None
         if entry.served is not None:
             header = CheckpointHeader(entry.served.checkpoint.config, entry.served.checkpoint.vocab,
-                                      entry.served.checkpoint.train)
+                                      entry.served.checkpoint.train, entry.served.engine.weights)
         elif key is None:
             error = f"the file {entry.path.name} is gone"
         else:
@@ -359,15 +361,17 @@ class ModelRegistry:
             raise CheckpointError(f"{path} changed while it was being loaded; try again once it is written")
         checkpoint.to(resolve_device(self.config.device))
         engine = Engine(checkpoint.model, checkpoint.vocab, self.config.limits, hooks=self._hooks,
-                        scheduler=self.scheduler, cache=self.cache, version=digest)
+                        scheduler=self.scheduler, cache=self.cache, version=digest,
+                        weights=self.config.weights or checkpoint.weights)
         try:
             _warm_up(engine)
         except BaseException:
             engine.close(0)
             raise
         served = Served(model_id, digest[:VERSION_CHARS], digest, checkpoint, engine, path, key)
-        log.info("loaded model %s version %s (%d parameters) on %s in %.2f s", model_id, served.version,
-                 checkpoint.model.num_parameters(), engine.device, time.perf_counter() - started)
+        log.info("loaded model %s version %s (%d parameters, %s decode weights) on %s in %.2f s", model_id,
+                 served.version, checkpoint.model.num_parameters(), engine.weights, engine.device,
+                 time.perf_counter() - started)
         return served
 
     def _check_size(self, path: Path) -> FileKey:

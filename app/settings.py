@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.registry import MODEL_ID, RegistryConfig, model_id_for
+from charlm import native
+from charlm.native import WeightFormat
 from charlm.request import MAX_LOGPROBS, EngineLimits
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -36,6 +38,12 @@ class Settings(BaseSettings):
     max_model_mb: int = Field(512, ge=1, description="model files larger than this are not loaded")
     prefix_cache_mb: float = Field(64, ge=0, description="MiB of LSTM states kept after long prefixes, so "
                                    "text sent again is not run again (0: off)")
+    weights: WeightFormat | None = Field(None, description="decode weight format of every model: fp32, bf16 "
+                                         "or int8 (default: each checkpoint's own, set by `charlm quantize`, "
+                                         "else fp32)")
+    kernels: Literal["auto", "portable", "avx2", "avx512"] = Field(
+        "auto", description="the decode kernels' code path (auto: the best the CPU reports; every path gives "
+        "the same text)")
     admin_key: SecretStr | None = Field(None, description="enables /admin/models/...: send Authorization: "
                                         "Bearer <admin key> (a key of its own, not the API key)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -69,6 +77,18 @@ class Settings(BaseSettings):
                                   description="seconds a connection may take to send a request's head")
     send_timeout: float = Field(60.0, gt=0, le=3600,
                                 description="seconds a response may wait for its client to read before it is cut off")
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernels_run_here(cls, isa: str) -> str:
+        """A forced code path this CPU cannot run fails the start, naming what it lacks."""
+        kernels = native.load()
+        if isa != "auto" and kernels is not None and isa not in kernels.available():
+            kernels.use(isa)  # raises UnsupportedISA, which names the missing instructions
+        if isa != "auto" and kernels is None:
+            raise ValueError(f"CHARLM_KERNELS={isa} needs the native kernels, and charlm._native is not built "
+                             "(no C compiler at install?): use auto")
+        return isa
 
     @field_validator("api_key", "admin_key")
     @classmethod
@@ -120,7 +140,7 @@ class Settings(BaseSettings):
         return RegistryConfig(directories=directories, files=files, default=default, device=self.device,
                               limits=self.limits(), max_loaded=self.max_loaded, keep_alive=self.keep_alive,
                               max_model_bytes=self.max_model_mb * 2**20, load_timeout=self.request_timeout,
-                              prefix_cache_bytes=int(self.prefix_cache_mb * 2**20),
+                              prefix_cache_bytes=int(self.prefix_cache_mb * 2**20), weights=self.weights,
                               retire_grace=self.request_timeout)
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from charlm.checkpoint import Checkpoint
+    from charlm.native import WeightFormat
     from charlm.request import GenerationResult
 
 __all__ = ["__version__", "load", "evaluate_text", "generate"]
@@ -35,16 +36,21 @@ def load(path: str, device: str = "auto") -> Checkpoint:
     return ckpt.to(target)  # outside the guard too: a device out of memory is not a damaged file
 
 
-def evaluate_text(ckpt: Checkpoint, text: str) -> dict[str, float]:
-    """Bits per character of `text` under the model (state carried over the whole text)."""
-    from charlm.evaluate import evaluate
+def evaluate_text(ckpt: Checkpoint, text: str, weights: WeightFormat | None = None) -> dict[str, float]:
+    """Bits per character of `text` under the model: by nn.LSTM in fp32 over one stream (state carried
+    over the whole text), or, with `weights`, by the decode steps in that weight format (see
+    charlm.evaluate.evaluate_decoded: what a served model's predictions cost in each format)."""
+    from charlm.evaluate import evaluate, evaluate_decoded
 
-    return evaluate(ckpt.model, ckpt.vocab.encode(text))
+    if weights is None:
+        return evaluate(ckpt.model, ckpt.vocab.encode(text))
+    return evaluate_decoded(ckpt.model, ckpt.vocab.encode(text), weights)
 
 
-def generate(ckpt: Checkpoint, seed: str, **options: Any) -> GenerationResult:
-    """Continue `seed`; options are GenerationRequest's (length, random_seed, stop) and SamplingParams'
-    (scale_factor, top_k, top_p), given flat as before the request grouped its sampling settings."""
+def generate(ckpt: Checkpoint, seed: str, weights: WeightFormat | None = None, **options: Any) -> GenerationResult:
+    """Continue `seed`, decoding in `weights` (default: the checkpoint's format); options are
+    GenerationRequest's (length, random_seed, stop) and SamplingParams' (scale_factor, top_k, top_p),
+    given flat as before the request grouped its sampling settings."""
     from dataclasses import fields
 
     from charlm.engine import Engine
@@ -55,5 +61,5 @@ def generate(ckpt: Checkpoint, seed: str, **options: Any) -> GenerationResult:
     params = SamplingParams(**{k: options.pop(k) for k in list(options) if k in sampling})
     request = GenerationRequest(seed=seed, sampling=params, **options)
     limits = EngineLimits(max_batch=1, max_length=max(request.length, 1), max_seed_chars=max(len(seed), 1))
-    with Engine(ckpt.model, ckpt.vocab, limits) as engine:
+    with Engine(ckpt.model, ckpt.vocab, limits, weights=weights or ckpt.weights) as engine:
         return engine.generate(request)

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +22,7 @@ from safetensors.torch import save
 
 from charlm.files import atomic_write
 from charlm.model import CharLSTM, ModelConfig
+from charlm.native import WEIGHT_FORMATS, WeightFormat
 from charlm.request import is_int
 from charlm.vocab import Vocab
 
@@ -57,6 +58,7 @@ class Checkpoint:
     model: CharLSTM
     vocab: Vocab
     train: dict[str, Any] = field(default_factory=dict)
+    weights: WeightFormat = "fp32"  # the decode weight format the checkpoint asks for (charlm.native.WEIGHT_FORMATS)
 
     @property
     def config(self) -> ModelConfig:
@@ -78,6 +80,7 @@ class CheckpointHeader:
     config: ModelConfig
     vocab: Vocab
     train: dict[str, Any]
+    weights: WeightFormat = "fp32"
 
     @property
     def parameters(self) -> int:
@@ -85,14 +88,18 @@ class CheckpointHeader:
 
 
 def save_checkpoint(
-    path: str | Path, model: CharLSTM, vocab: Vocab, train: dict[str, Any] | None = None
+    path: str | Path, model: CharLSTM, vocab: Vocab, train: dict[str, Any] | None = None,
+    weights: WeightFormat = "fp32"
 ) -> None:
+    """Write the model (fp32, whatever `weights` says: prefill and scoring run in fp32), its vocabulary,
+    config and training summary, and `weights`: the decode weight format it is served in by default."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "charlm.format": FORMAT,
         "charlm.vocab": vocab.to_json(),
         "charlm.model": json.dumps(model.config.to_dict()),
         "charlm.train": json.dumps(train or {}),
+        "charlm.weights": weights,
     }
     atomic_write(path, save(tensors, metadata=metadata))
 
@@ -289,8 +296,12 @@ def _header(path: Path, f: Any) -> CheckpointHeader:
     vocab = _parse_vocab(path, metadata)
     config = _parse_config(path, metadata, len(vocab))
     train = _parse_train(path, metadata)
+    weights = cast(WeightFormat, metadata.get("charlm.weights", "fp32"))
+    if weights not in WEIGHT_FORMATS:
+        raise CheckpointError(f"{path} names decode weights {weights!r}, not one of {', '.join(WEIGHT_FORMATS)}; "
+                              "write it again with `charlm quantize`")
     _check_layout(path, f, expected_shapes(config))
-    return CheckpointHeader(config, vocab, train)
+    return CheckpointHeader(config, vocab, train, weights)
 
 
 def read_header(path: str | Path) -> CheckpointHeader:
@@ -314,4 +325,4 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the config in its metadata: {exc}; {FIX}") from None
-    return Checkpoint(model=model.eval(), vocab=vocab, train=train).to(device)
+    return Checkpoint(model=model.eval(), vocab=vocab, train=train, weights=header.weights).to(device)

@@ -1,4 +1,4 @@
-"""`charlm train | eval | generate | serve`: the command line over the library.
+"""`charlm train | eval | generate | quantize | serve`: the command line over the library.
 
 Usage errors exit 2, failures exit 1, and both print one line, `charlm <command>: error: ...`,
 instead of a traceback (charlm/exit_codes.py says which error is which).
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-SERVE_OPTIONS = ("models", "checkpoint", "default_model", "host", "port", "device")  # forwarded to `python -m app`
+SERVE_OPTIONS = ("models", "checkpoint", "default_model", "host", "port", "device", "weights", "kernels")
+WEIGHTS = ("fp32", "bf16", "int8")  # charlm.native.WEIGHT_FORMATS (checked equal by a test), without importing torch
+KERNELS = ("auto", "portable", "avx2", "avx512")  # forwarded to `python -m app`
 
 
 def _int(value: str) -> int:
@@ -165,6 +167,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="val: the held-out part the trainer used (default); all: the whole text")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")
+    p.add_argument("--weights", choices=WEIGHTS, help="evaluate the decode path in this weight format instead of "
+                   "nn.LSTM in fp32, and print its cost against fp32 decode weights")
+    p.add_argument("--kernels", choices=KERNELS, default="auto", help="the decode kernels' code path")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -173,17 +178,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from charlm.inputs import input_errors
     from charlm.text import CorpusError, load_corpus, split_text
 
-    ckpt = load(args.checkpoint, args.device)
+    ckpt = load(args.checkpoint, "cpu" if args.weights else args.device)  # the decode kernels run on the CPU
     strip = ckpt.train.get("strip_gutenberg", True)
     path = fetch_corpus(args.corpus, args.cache_dir)
     with input_errors(CorpusError, path, "UTF-8 text corpus"):
         text = load_corpus(path, strip=strip, quotes=ckpt.train.get("quotes", "keep"))  # as the model was trained
     if args.split == "val":
         text = split_text(text, ckpt.train.get("val_fraction", 0.1))[1]
-    result = evaluate_text(ckpt, text)
-    print(json.dumps({"bpc": round(result["bpc"], 5), "nats": round(result["nats"], 5),
-                      "chars": result["chars"], "split": args.split}))
+    if args.weights is None:
+        result = evaluate_text(ckpt, text)
+        print(json.dumps({"bpc": round(result["bpc"], 5), "nats": round(result["nats"], 5),
+                          "chars": result["chars"], "split": args.split}))
+        return 0
+    _use_kernels(args.kernels)
+    decoded = evaluate_text(ckpt, text, weights=args.weights)
+    reference = evaluate_text(ckpt, text, weights="fp32") if args.weights != "fp32" else decoded
+    print(json.dumps({"bpc": round(decoded["bpc"], 5), "weights": args.weights,
+                      "cost_bpc": round(decoded["bpc"] - reference["bpc"], 5), "fp32_bpc": round(reference["bpc"], 5),
+                      "chars": decoded["chars"], "split": args.split}))
     return 0
+
+
+def _use_kernels(isa: str) -> None:
+    """Force the decode kernels' code path (a CPU that lacks it is a usage error naming what it lacks)."""
+    from charlm import native
+
+    kernels = native.load()
+    if kernels is not None:
+        kernels.use(isa)
+    elif isa != "auto":
+        raise native.UnsupportedISA(f"--kernels {isa} needs charlm._native, which is not built: use auto")
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -200,6 +224,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="end at this string (repeatable, up to 4)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=WEIGHTS, help="decode weight format (default: the checkpoint's, else fp32)")
+    p.add_argument("--kernels", choices=KERNELS, default="auto", help="the decode kernels' code path")
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -217,7 +243,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = _sampling(args)  # before the checkpoint is loaded: a bad flag fails at once
     ckpt = load(args.checkpoint, args.device)
-    result = generate(ckpt, args.seed, length=args.length, scale_factor=sampling.scale_factor,
+    _use_kernels(args.kernels)
+    result = generate(ckpt, args.seed, weights=args.weights, length=args.length, scale_factor=sampling.scale_factor,
                       top_k=sampling.top_k, top_p=sampling.top_p, random_seed=args.random_seed,
                       stop=tuple(args.stop))
     print(result.text)
@@ -234,6 +261,38 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="default: $CHARLM_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $CHARLM_PORT or 8000")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: $CHARLM_DEVICE or auto)")
+    p.add_argument("--weights", choices=WEIGHTS, help="decode weight format of every model (default: "
+                   "$CHARLM_WEIGHTS, else each checkpoint's own)")
+    p.add_argument("--kernels", choices=KERNELS, help="the decode kernels' code path (default: $CHARLM_KERNELS "
+                   "or auto)")
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--weights", choices=WEIGHTS, required=True, help="the decode weight format to serve it in")
+    p.add_argument("--out", required=True, help="the checkpoint to write (not the input)")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """Check that the weights can be held in the format and write a copy that asks for it: the file keeps
+    the fp32 weights (long seeds and scoring run in fp32), the decode weights are packed at load."""
+    from pathlib import Path
+
+    from charlm import load
+    from charlm.checkpoint import save_checkpoint
+    from charlm.decoder import Decoder
+    from charlm.native import load as load_kernels
+
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise argparse.ArgumentTypeError("argument --out: it is the input checkpoint; write the copy elsewhere")
+    ckpt = load(args.checkpoint, "cpu")
+    kernels = load_kernels()
+    fp32 = Decoder(ckpt.model, 1, kernels).weight_bytes
+    packed = Decoder(ckpt.model, 1, kernels, args.weights).weight_bytes  # raises WeightsError, naming the layer
+    save_checkpoint(args.out, ckpt.model, ckpt.vocab, ckpt.train, weights=args.weights)
+    print(json.dumps({"out": args.out, "weights": args.weights, "decode_weight_bytes": packed,
+                      "fp32_decode_weight_bytes": fp32}))
+    return 0
 
 
 def _serve_argv(args: argparse.Namespace) -> list[str]:
@@ -257,6 +316,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "train": ("train a model on a text file or URL (on several processes: under torchrun)", _add_train, _cmd_train),
     "eval": ("held-out bits per character of a checkpoint on a corpus", _add_eval, _cmd_eval),
     "generate": ("continue a seed text", _add_generate, _cmd_generate),
+    "quantize": ("write a copy of a checkpoint that is decoded in bf16 or int8", _add_quantize, _cmd_quantize),
     "serve": ("serve models over HTTP (settings also from CHARLM_* variables)", _add_serve, _cmd_serve),
 }
 

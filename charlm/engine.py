@@ -33,6 +33,7 @@ from charlm.handles import Generation, Handle, Scoring, running_loop
 from charlm.jobs import ChunkedJob, Job, Prefill, Row, ScoreJob
 from charlm.logprobs import sampled_logprobs, scored_logprobs
 from charlm.model import CharLSTM
+from charlm.native import WeightFormat
 from charlm.prefix_cache import CachedState, PrefixCache, prefix_digests
 from charlm.request import (
     CharLogprob,
@@ -83,6 +84,17 @@ def chunk_end(pos: int, end: int) -> int:
     return pos + (PREFILL_CHUNK if left >= PREFILL_CHUNK else 1 << (left.bit_length() - 1))
 
 
+def chunk_bounds(end: int) -> list[int]:
+    """Where the chunks of a seed of `end` characters end, before its end. Every run of a text passes
+    the same boundaries with the same chunks before them (whole chunks, then halving pieces), so a
+    state kept at any of them is the one any longer text computes there: a seed sent again with more
+    text resumes at the last piece the two share, not only at a multiple of PREFILL_CHUNK."""
+    bounds, pos = [], 0
+    while (pos := chunk_end(pos, end)) < end:
+        bounds.append(pos)
+    return bounds
+
+
 @dataclass(frozen=True)
 class EngineHooks:
     """Seams for tests and diagnostics to act inside the worker (pace it, inject a fault) without
@@ -115,11 +127,13 @@ class Engine:
 
     def __init__(self, model: CharLSTM, vocab: Vocab, limits: EngineLimits | None = None, use_native: bool = True,
                  hooks: EngineHooks | None = None, scheduler: Scheduler | None = None,
-                 cache: PrefixCache | None = None, version: str = ""):
+                 cache: PrefixCache | None = None, version: str = "", weights: WeightFormat = "fp32"):
         """`use_native=False` runs on PyTorch alone even where the native kernels are built; `hooks`
         act inside the worker (see EngineHooks); `scheduler` is the worker shared with other models'
         engines (charlm/scheduler.py), else the engine gets one of its own; `cache` keeps states after
-        long prefixes under `version`, which must name these weights and no others."""
+        long prefixes under `version`, which must name these weights and no others; `weights` is the
+        format decode steps read them in (charlm/native.py; raises native.WeightsError when they cannot
+        be held in it). Long seeds and scored texts run nn.LSTM in fp32 whatever the format."""
         self.model = model.eval()
         self.vocab = vocab
         self.limits = limits or EngineLimits()
@@ -127,7 +141,7 @@ class Engine:
         self._on_char = self.hooks.on_char  # read for every character: one attribute, not two
         self.device = model.fc.weight.device
         kernels = native.load() if use_native and self.device.type == "cpu" else None
-        self._decoder = Decoder(model, self.limits.max_batch, kernels)
+        self._decoder = Decoder(model, self.limits.max_batch, kernels, weights)
         self._sampled = torch.zeros(self.limits.max_batch, dtype=torch.long)  # the native sampler's output
         self._vocab_size = len(vocab)
         self._waiting: collections.deque[Handle[Any]] = collections.deque()
@@ -139,7 +153,7 @@ class Engine:
         self._unfinished = 0  # jobs submitted and not yet finished, wherever they are
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()  # finish counters are also written by withdrawing consumers
-        self._cache, self._version = cache, version
+        self._cache, self._version = cache, f"{version}/{weights}"  # a format's short prefills differ
         self._owns_scheduler = scheduler is None
         self._scheduler = scheduler or Scheduler()
         self._scheduler.add(self)
@@ -150,6 +164,11 @@ class Engine:
     def native(self) -> bool:
         """Whether decoding runs in the compiled kernels (else PyTorch alone, several times slower)."""
         return self._decoder.kernels is not None
+
+    @property
+    def weights(self) -> WeightFormat:
+        """The format decode steps read the weights in."""
+        return self._decoder.weights
 
     @property
     def unfinished(self) -> int:
@@ -353,9 +372,9 @@ class Engine:
         return short
 
     # --- the prefix cache (charlm/prefix_cache.py) ---
-    def _digests(self, job: ChunkedJob, text: str) -> list[int]:
-        """Give `job` the digests of its text's prefixes the cache keys; return its chunk boundaries."""
-        bounds = list(range(PREFILL_CHUNK, len(text), PREFILL_CHUNK))
+    def _digests(self, job: ChunkedJob, text: str, bounds: list[int]) -> list[int]:
+        """Give `job` the digests of its text's prefixes the cache keys; return `bounds`, the chunk
+        boundaries before the text's end."""
         job.digests = prefix_digests(text, sorted({*bounds, *(b + 1 for b in bounds), len(text)}))
         return bounds
 
@@ -364,7 +383,7 @@ class Engine:
         that follow it, when the same seed came before)."""
         if self._cache is None:
             return
-        bounds = self._digests(job, seed)
+        bounds = self._digests(job, seed, chunk_bounds(len(seed)))
         found = self._cache.get((self._version, "end", job.digests[len(seed)]))
         if found is not None and found.logits is not None:
             job.pos, job.state, job.end_logits = len(seed), (found.h, found.c), found.logits
@@ -382,7 +401,7 @@ class Engine:
             return
         entries: list[CharLogprob] = []
         resumed: tuple[int, CachedState] | None = None
-        for b in self._digests(job, text):
+        for b in self._digests(job, text, list(range(PREFILL_CHUNK, len(text), PREFILL_CHUNK))):
             scores = self._cache.get((self._version, "scores", job.digests[b + 1]))
             state = self._cache.get((self._version, "state", job.digests[b]))
             if scores is None or scores.scores is None or scores.top_k < top_k or state is None:

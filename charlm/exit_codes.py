@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 
 from charlm.checkpoint import CheckpointError
+from charlm.native import UnsupportedISA
 from charlm.sampling import InvalidParameter
 from charlm.text import CorpusError
 from charlm.vocab import UnknownCharactersError
 
 __all__ = ["USAGE_ERRORS", "FAILURES", "exit_code"]
 
-USAGE_ERRORS: tuple[type[Exception], ...] = (argparse.ArgumentTypeError, UnknownCharactersError, InvalidParameter)
+USAGE_ERRORS: tuple[type[Exception], ...] = (argparse.ArgumentTypeError, UnknownCharactersError, InvalidParameter,
+                                              UnsupportedISA)
 """Exit 2: what was asked is invalid (an option, a seed character, a sampling setting, a request field: the
 engine's RequestError is an InvalidParameter, so this module needs no engine)."""
 

@@ -2,12 +2,13 @@
 
 An LSTM's state after any prefix is a few kilobytes (layers x (h, c) x hidden floats) whatever the
 prefix's length, where a transformer's key-value cache grows with it. The engine runs long seeds and
-scored texts through nn.LSTM in chunks aligned at multiples of PREFILL_CHUNK from the start, and
-keeps here the state at each chunk boundary (and at the end of a seed, with the logits that follow
-it). A later text resumes from the longest prefix found and runs only the rest, in the same chunks
-an uncached run would use: the state it resumes from is the one that run computes there, bit for
-bit, so the text never depends on the cache. A scored chunk also keeps its per-character entries, so
-a growing document is scored again only from its last boundary.
+scored texts through nn.LSTM in chunks aligned at multiples of PREFILL_CHUNK from the start (then,
+for a seed, in halving pieces: engine.chunk_bounds), and keeps here the state at each boundary (and
+at the end of a seed, with the logits that follow it). A later text resumes from the longest prefix
+found and runs only the rest, in the same chunks an uncached run would use: the state it resumes
+from is the one that run computes there, bit for bit, so the text never depends on the cache. A
+scored chunk also keeps its per-character entries, so a growing document is scored again only from
+its last boundary.
 
 Entries are keyed by the model's version (never shared between models or versions) and the sha256
 of the prefix (the text itself is not kept), and evicted least recently used past the byte budget.

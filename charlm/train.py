@@ -28,7 +28,7 @@ from charlm.checkpoint import CheckpointError, load_checkpoint, read_safetensors
 from charlm.corpora import CorpusSet, load_corpora
 from charlm.device import resolve_device, resolve_precision
 from charlm.distributed import StopSignals, World, all_max, all_rows, all_sum, barrier, process_group
-from charlm.evaluate import LN2, evaluate
+from charlm.evaluate import LN2, evaluate_many
 from charlm.files import atomic_write
 from charlm.inputs import input_errors
 from charlm.model import CharLSTM, ModelConfig, State
@@ -267,6 +267,10 @@ class _Trainer:
         self.cfg, self.progress, self.world = cfg, progress, world or World()
         self.device = device or resolve_device(cfg.device)
         self.metrics_warned = False
+        self.stop: StopSignals | None = None  # the run's signals, while it runs
+        self.tail_results: tuple[int, dict[int, dict[str, float]]] = (-1, {})  # (step, figures of the tails
+        # evaluated at that step, by corpus index): what a second evaluation at the same step need not repeat
+        self.partial_step = -1  # the step of the last evaluation that left corpora out (-1: none)
         dtype = resolve_precision(cfg.precision, self.device)  # refused before anything is touched
         self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         self.precision = "bf16" if dtype is not None else "fp32"
@@ -377,6 +381,7 @@ class _Trainer:
         interrupted = False
         self.meter = (time.perf_counter(), 0)  # (start, characters) of the chars/s reported in the next log row
         with StopSignals() as stop:
+            self.stop = stop
             try:
                 while not (interrupted := self.agree_to_stop(stop)) and self.progress_fraction() < 1.0:
                     self.train_window()
@@ -389,7 +394,10 @@ class _Trainer:
             if interrupted:  # first the state (fast): a second signal during the evaluation then loses nothing
                 self.save_state(self.gather_state())
             if self.state.step != self.state.evaluated_step:
-                self.checkpoint()
+                self.checkpoint(every_corpus=True)
+            elif self.world.main and self.partial_step == self.state.step:
+                self.log_evaluation(self.evaluate_tails(every_corpus=True))  # a run ends on every corpus's figure
+            self.stop = None
             barrier(self.world, self.device)  # no rank leaves (or fails the launcher) while rank 0 still writes
         state = self.state
         return TrainResult(state.step, state.seconds, state.best_val_bpc, interrupted, self.summary())
@@ -416,7 +424,8 @@ class _Trainer:
             self.meter = (now, 0)
         if state.step % cfg.eval_interval == 0:
             t_eval = time.perf_counter()
-            self.checkpoint()
+            last = self.progress_fraction() >= 1.0 or (self.stop is not None and self.stop.requested)
+            self.checkpoint(every_corpus=last or self.evaluates_every_corpus())
             state.seconds += time.perf_counter() - t_eval
             self.meter = (time.perf_counter(), 0)
 
@@ -467,29 +476,59 @@ class _Trainer:
             fractions.append(self.state.seconds / self.cfg.time_budget)
         return max(fractions)
 
-    def checkpoint(self) -> None:
-        """Evaluate every corpus's held-out tail; save the model if the selected corpus's bpc is the best yet,
-        and always the resume state and plot. Every rank takes part (the state holds every rank's rows);
-        rank 0 alone evaluates and writes, while the others wait in their next collective."""
+    def evaluates_every_corpus(self) -> bool:
+        """Whether this step's evaluation covers every corpus (the selected one is in every evaluation): the
+        first, then every eval_all_every-th. Counted from the step, so a resumed run keeps the same ones."""
+        number = self.state.step // self.cfg.eval_interval  # 1 at the first evaluation
+        return (number - 1) % self.cfg.eval_all_every == 0
+
+    def checkpoint(self, every_corpus: bool = True) -> None:
+        """Evaluate the selected corpus's held-out tail (every corpus's with `every_corpus`); save the model if
+        the selected corpus's bpc is the best yet, and always the resume state and plot. Every rank takes part
+        (the state holds every rank's rows); rank 0 alone evaluates and writes, while the others wait in their
+        next collective."""
         self.state.evaluated_step = self.state.step
         tensors = self.gather_state()
         if not self.world.main:
             return
         cfg, state = self.cfg, self.state
-        results = [evaluate(self.model, ids) for ids in self.val_ids]
+        results = self.evaluate_tails(every_corpus)
         bpc = results[self.selected]["bpc"]
         if bpc < state.best_val_bpc:
             state.best_val_bpc = bpc
             state.best_step = state.step
             save_checkpoint(cfg.out, self.model, self.vocab, self.summary())
         self.save_state(tensors)
-        row: dict[str, Any] = {"step": state.step, "seconds": round(state.seconds, 2), "val_bpc": bpc}
-        if len(results) > 1:
-            nats = sum(r["nats"] * r["chars"] for r in results) / sum(r["chars"] for r in results)
-            row["val_bpc_all"] = nats / LN2
-            row["val_bpc_by_corpus"] = {name: r["bpc"] for name, r in zip(self.data.names, results)}
+        self.log_evaluation(results)
+
+    def evaluate_tails(self, every_corpus: bool) -> dict[int, dict[str, float]]:
+        """The held-out figures of the selected corpus (of every corpus with `every_corpus`) at this step, by
+        corpus index. The tails run side by side (evaluate_many: each figure is `charlm eval`'s for that
+        tail); those already evaluated at this step are not evaluated again."""
+        step = self.state.step
+        if self.tail_results[0] != step:
+            self.tail_results = (step, {})
+        done = self.tail_results[1]
+        wanted = list(range(len(self.val_ids))) if every_corpus else [self.selected]
+        todo = [i for i in wanted if i not in done]
+        done.update(zip(todo, evaluate_many(self.model, [self.val_ids[i] for i in todo])))
+        self.partial_step = step if len(wanted) < len(self.val_ids) else -1
+        return {i: done[i] for i in wanted}
+
+    def log_evaluation(self, results: dict[int, dict[str, float]]) -> None:
+        """The metrics row of an evaluation, and the plot. With several corpora, `val_bpc_by_corpus` names those
+        evaluated this time (the others are left out, not repeated from an older step) and `val_bpc_all`, of
+        every corpus, is there only when every corpus was evaluated."""
+        state, names = self.state, self.data.names
+        row: dict[str, Any] = {"step": state.step, "seconds": round(state.seconds, 2),
+                               "val_bpc": results[self.selected]["bpc"]}
+        if len(names) > 1:
+            if len(results) == len(names):
+                nats = sum(r["nats"] * r["chars"] for r in results.values()) / sum(r["chars"] for r in results.values())
+                row["val_bpc_all"] = nats / LN2
+            row["val_bpc_by_corpus"] = {names[i]: results[i]["bpc"] for i in sorted(results)}
         self.log(row)
-        _plot(cfg, self.read_metrics())
+        _plot(self.cfg, self.read_metrics())
 
     def gather_state(self) -> dict[str, torch.Tensor]:
         """The carried state of every stream and each rank's RNG, in rank order (a collective under torchrun):

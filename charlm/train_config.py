@@ -141,6 +141,10 @@ class TrainConfig:
                                                  "steps or seconds, whichever ends first)",
                                        low=0.0, low_open=True, metavar="SECONDS")
     eval_interval: int = _field(100, doc="steps between held-out evaluations and checkpoint/state saves", low=1)
+    eval_all_every: int = _field(4, doc="with several corpora, evaluate every corpus's held-out tail at the first "
+                                        "evaluation, every Nth after it and the last; the others evaluate only "
+                                        "the selected corpus, which picks the checkpoint (1: every corpus each "
+                                        "time)", low=1, metavar="N")
     log_interval: int = _field(10, doc="steps between metrics.jsonl lines", low=1)
     val_fraction: float = _field(0.1, doc="held-out fraction: the end of the text", low=0.0, high=1.0,
                                  low_open=True, high_open=True)

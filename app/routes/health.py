@@ -57,7 +57,7 @@ async def info(request: Request) -> dict[str, Any]:
     if state.models is None or not state.ready:  # while draining the cards are still true
         return error_response(503, "not ready: the models are still loading")  # type: ignore[return-value]
     settings, models = state.settings, state.models
-    cards = [_card(i) for i in await models.listing()]
+    cards = [_card(i, settings.weights) for i in await models.listing()]
     default = next((c for c in cards if c["default"]), None)
     limits = EngineLimits()
     return {
@@ -85,12 +85,13 @@ async def info(request: Request) -> dict[str, Any]:
         },
         "auth_required": settings.api_key is not None,
         "device": str(resolve_device(settings.device)),
-        "native_kernels": native.load() is not None,
+        "native_kernels": (kernels := native.load()) is not None,
+        "kernels": kernels.isa if kernels is not None else None,  # the code path they run (CHARLM_KERNELS)
         "version": __version__,
     }
 
 
-def _card(info: ModelInfo) -> dict[str, Any]:
+def _card(info: ModelInfo, weights: str | None) -> dict[str, Any]:
     header = info.header
     return {
         "id": info.id,
@@ -104,5 +105,6 @@ def _card(info: ModelInfo) -> dict[str, Any]:
         "vocabulary": "".join(header.vocab.chars) if header else None,
         "vocab_size": len(header.vocab) if header else None,
         "bits_per_char": info.bpc,
+        "weights": weights or (header.weights if header else None),  # the decode weight format it runs in
         "training": public_summary(header.train) if header else None,
     }
