@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from charlm.checkpoint import Checkpoint
-    from charlm.native import WeightFormat
+    from charlm.formats import WeightFormat
     from charlm.request import GenerationResult
 
 __all__ = ["__version__", "load", "evaluate_text", "generate"]

@@ -21,8 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from charlm.files import atomic_write
+from charlm.formats import WEIGHT_FORMATS, WeightFormat
 from charlm.model import CharLSTM, ModelConfig
-from charlm.native import WEIGHT_FORMATS, WeightFormat
 from charlm.request import is_int
 from charlm.vocab import Vocab
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any
 
+from charlm.formats import ISAS, WEIGHT_FORMATS
+
 if TYPE_CHECKING:
     from charlm.sampling import SamplingParams
     from charlm.train_config import Option, TrainConfig
@@ -22,8 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 SERVE_OPTIONS = ("models", "checkpoint", "default_model", "host", "port", "device", "weights", "kernels")
-WEIGHTS = ("fp32", "bf16", "int8")  # charlm.native.WEIGHT_FORMATS (checked equal by a test), without importing torch
-KERNELS = ("auto", "portable", "avx2", "avx512")  # forwarded to `python -m app`
+KERNELS = ("auto", *ISAS)  # forwarded to `python -m app`
 
 
 def _int(value: str) -> int:
@@ -167,8 +168,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="val: the held-out part the trainer used (default); all: the whole text")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")
-    p.add_argument("--weights", choices=WEIGHTS, help="evaluate the decode path in this weight format instead of "
-                   "nn.LSTM in fp32, and print its cost against fp32 decode weights")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, help="evaluate the decode path in this weight format "
+                   "instead of nn.LSTM in fp32, and print its cost against fp32 decode weights")
     p.add_argument("--kernels", choices=KERNELS, default="auto", help="the decode kernels' code path")
 
 
@@ -224,7 +225,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="end at this string (repeatable, up to 4)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", choices=WEIGHTS, help="decode weight format (default: the checkpoint's, else fp32)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS,
+                   help="decode weight format (default: the checkpoint's, else fp32)")
     p.add_argument("--kernels", choices=KERNELS, default="auto", help="the decode kernels' code path")
 
 
@@ -261,7 +263,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="default: $CHARLM_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $CHARLM_PORT or 8000")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: $CHARLM_DEVICE or auto)")
-    p.add_argument("--weights", choices=WEIGHTS, help="decode weight format of every model (default: "
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, help="decode weight format of every model (default: "
                    "$CHARLM_WEIGHTS, else each checkpoint's own)")
     p.add_argument("--kernels", choices=KERNELS, help="the decode kernels' code path (default: $CHARLM_KERNELS "
                    "or auto)")
@@ -269,7 +271,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--weights", choices=WEIGHTS, required=True, help="the decode weight format to serve it in")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, required=True, help="the decode weight format to serve it in")
     p.add_argument("--out", required=True, help="the checkpoint to write (not the input)")
 
 

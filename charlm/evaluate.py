@@ -7,10 +7,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from charlm import native
-from charlm.decoder import Decoder
+from charlm.formats import WeightFormat, WeightsError
 from charlm.model import CharLSTM, State
-from charlm.native import WeightFormat
 
 __all__ = ["LN2", "evaluate", "evaluate_decoded", "evaluate_many"]
 
@@ -112,9 +110,12 @@ def evaluate_decoded(model: CharLSTM, ids: torch.Tensor, weights: WeightFormat,
     read as the rows of one batch, each from `warmup` characters before its part (its state starts
     at zero there). The figure is therefore a little above `evaluate`'s one-stream figure; compare
     formats with each other, on the same split (as `charlm eval --weights` does)."""
+    from charlm import native  # here: training imports this module, and never needs the kernels
+    from charlm.decoder import Decoder
+
     kernels = native.load()
     if kernels is None:
-        raise native.WeightsError("evaluating the decode path needs the native kernels (charlm._native)")
+        raise WeightsError("evaluating the decode path needs the native kernels (charlm._native)")
     decoder = Decoder(model, rows, kernels, weights)
     n = len(ids) - 1  # characters predicted
     size = -(-n // rows)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from charlm.checkpoint import CheckpointError
-from charlm.native import UnsupportedISA
+from charlm.formats import UnsupportedISA
 from charlm.sampling import InvalidParameter
 from charlm.text import CorpusError
 from charlm.vocab import UnknownCharactersError

@@ -22,20 +22,17 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import torch
+
+from charlm.formats import ISAS, WEIGHT_FORMATS, UnsupportedISA, WeightFormat, WeightsError
 
 __all__ = ["ISAS", "WEIGHT_FORMATS", "Kernels", "Packed", "UnsupportedISA", "WeightFormat", "WeightsError", "load",
            "pack", "scratch_for"]
 
 PANEL = 16  # output columns per packed panel (_native.c's PANEL)
 
-WeightFormat = Literal["fp32", "bf16", "int8"]
-# The decode weight formats, in _native.c's order (FMT_FP32, FMT_BF16, FMT_INT8).
-WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("fp32", "bf16", "int8")
-# The kernel paths, in _native.c's order, and the CPU features (charlm_cpu_features bits) each needs.
-ISAS = ("portable", "avx2", "avx512")
+# The CPU features (charlm_cpu_features bits) and those each code path needs.
 _FEATURES = {"avx2": 1, "fma": 2, "avx512f": 4, "avx512bw": 8, "avx512_vnni": 16}
 _NEEDS = {"portable": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")}
 
@@ -47,14 +44,6 @@ INT8_MAX_ZEROED = 0.9
 INT8_MAX_INPUTS = (2**31 - 1) // (255 * 127)
 
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
-
-
-class WeightsError(ValueError):
-    """These weights cannot be used in the asked format (NaN, infinite, or out of its range)."""
-
-
-class UnsupportedISA(ValueError):
-    """The kernel path asked for needs instructions this CPU (or this build) does not have."""
 
 
 class _Weights(ctypes.Structure):

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from charlm import cli, native
+from charlm import native
 from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from charlm.cli import main
 from charlm.engine import Engine
@@ -166,11 +166,6 @@ def test_a_kernel_path_the_cpu_lacks_fails_the_start_naming_it(tiny_checkpoint_p
     assert code == 2 and "error: the avx512 kernels need avx512f, avx512bw, avx512_vnni, which this CPU" in err
     code, _, err = run(["eval", "--checkpoint", "x", "--corpus", "y", "--kernels", "neon"], capsys)
     assert code == 2 and "invalid choice: 'neon'" in err
-
-
-def test_the_cli_knows_every_format() -> None:
-    assert cli.WEIGHTS == native.WEIGHT_FORMATS
-    assert ("auto", *native.ISAS) == cli.KERNELS
 
 
 def test_the_decode_path_evaluates_as_nn_lstm_does_and_each_format_costs_little(tiny: Checkpoint) -> None:
