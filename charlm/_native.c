@@ -28,7 +28,11 @@
 
 #define PANEL 16 /* output columns per packed panel: weights are stored [panel][input][16] */
 #define GROUP (4 * PANEL) /* output columns a thread takes at a time */
-#define PARALLEL_MIN (1 << 18) /* multiply-adds below which a second thread costs more than it saves */
+/* Multiply-adds (fp32's; an int8 one costs about a sixth) below which a second thread costs more
+ * than it saves: waking a team costs tens of microseconds on the engine's worker thread, about what
+ * a million fp32 multiply-adds take on one core. */
+#define PARALLEL_MIN (1 << 20)
+#define INT8_COST_DIVISOR 6
 #define CELL_PARALLEL_MIN 4096 /* the same for cell units */
 #define SAMPLE_PARALLEL_MIN 8  /* and for rows to sample */
 
@@ -446,7 +450,7 @@ void charlm_linear(int rows, const float *x1, int ldx1, int k1, const float *x2,
     for (int r = 0; r < rows; r++)
       quantize_row(x1 + (size_t)r * ldx1, k1, x2 ? x2 + (size_t)r * ldx2 : NULL, k2, wt->padded_inputs,
                    quant + (size_t)r * wt->padded_inputs, xscale + r);
-  size_t work = (size_t)rows * n * (k1 + k2) / (int8 ? 4 : 1); /* an int8 multiply-add costs about a quarter */
+  size_t work = (size_t)rows * n * (k1 + k2) / (int8 ? INT8_COST_DIVISOR : 1);
   /* Threads split the output columns, never the inputs: each output keeps its one chain. A
    * group's panels stay in cache while every row block passes over them. */
 #pragma omp parallel for schedule(static) num_threads(threads) if (work >= PARALLEL_MIN)
