@@ -208,8 +208,9 @@ def main() -> None:
         ckpt.vocab.encode(text[offset : offset + longer])
         encoding.append((time.perf_counter() - started) * 1e3)
     other = med("second_ttfc") - med("second_queue") - second
-    print(f"second send's {longer:,} chars: resumed at char {resumed:,} (the last multiple of {PREFILL_CHUNK} in the "
-          f"first send), ran {longer - resumed} chars in {len(rest)} chunks ({' + '.join(map(str, rest))}) = "
+    print(f"second send's {longer:,} chars: resumed at char {resumed:,} (the last chunk boundary both sends pass: "
+          f"whole chunks of {PREFILL_CHUNK}, then halving pieces), ran {longer - resumed} chars in {len(rest)} "
+          f"chunks ({' + '.join(map(str, rest))}) = "
           f"{(longer - resumed) / second * 1e3:,.0f} chars/s against the first send's "
           f"{SEED_CHARS / first * 1e3:,.0f}; its time to first char {med('second_ttfc'):,.1f} ms = queue "
           f"{med('second_queue'):,.2f} (encoding the seed included: {median(encoding):.2f} alone) + prefill "
