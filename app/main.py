@@ -22,7 +22,7 @@ from app import errors, handlers
 from app.budget import LogprobBudget
 from app.metrics import Metrics
 from app.registry import ModelRegistry, ModelUnavailable
-from app.routes import admin, docs, generate, health, metrics, openai, playground, score
+from app.routes import admin, docs, generate, health, metrics, openai, playground, score, tokenize
 from app.settings import Settings
 from charlm import __version__, native
 from charlm.engine import EngineHooks
@@ -235,7 +235,7 @@ def create_app(settings: Settings | None = None, engine_hooks: EngineHooks | Non
                                 lambda: app.state.models.cache if app.state.models else None)
     app.state.logprob_budget = LogprobBudget(settings.max_logprob_values_held)
     handlers.install(app)
-    for module in (generate, score, openai, health, metrics, docs, playground):
+    for module in (generate, score, tokenize, openai, health, metrics, docs, playground):
         app.include_router(module.router)
     if settings.admin_key is not None:  # the routes do not exist without their key
         app.include_router(admin.router)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from charlm.request import DEFAULT_LENGTH, MAX_LOGPROBS, EngineLimits
 from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, MAX_TOP_K
@@ -87,6 +87,37 @@ class ScoreRequest(BaseModel):
                        description="the most likely alternatives listed for each character")
     per_char: bool = Field(True, strict=True, description="list every character with its log-probability "
                            "(false: only the totals)")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body (the completion form); numbers and flags strict, as everywhere."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "The island"}]})
+
+    model: str | None = Field(None, max_length=1000, description="the model's id; default: the server's default model")
+    prompt: str = Field(description="the text to split into tokens (characters)")
+    add_special_tokens: bool = Field(True, strict=True, description="accepted for vLLM's clients: charlm's "
+                                     "vocabulary has no special tokens, so it changes nothing")
+    return_token_strs: bool = Field(False, strict=True, description="also list each token's text")
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="how many tokens: the prompt's characters")
+    max_model_len: int = Field(description="the longest seed this server takes, in characters")
+    tokens: list[int] = Field(description="each character's index in the model's vocabulary")
+    token_strs: list[str] | None = Field(None, description="each token's character, when asked for")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tokens": [45, 60, 57]}]})
+
+    model: str | None = Field(None, max_length=1000, description="the model's id; default: the server's default model")
+    tokens: list[Annotated[int, Strict()]] = Field(description="vocabulary ids, each from 0 to the vocabulary's "
+                                                   "size - 1")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="the characters the tokens name")
 
 
 class TopChar(BaseModel):
