@@ -46,6 +46,20 @@ class GenerateRequest(BaseModel):
         default_factory=list, max_length=_LIMITS.max_stop,
         description="end early at the first of these strings (not included in the text)",
     )
+    # Steering (charlm/steering.py says in which order); ranges checked by SamplingParams, as above.
+    logit_bias: dict[str, Annotated[float, Field(strict=True)]] = Field(
+        default_factory=dict, description="characters -> bias in [-100, 100] added to their logits (-100 bans "
+        "one), at most the vocabulary's size of them", json_schema_extra={"example": {"e": -100}})
+    presence_penalty: float = Field(0.0, strict=True, json_schema_extra={"minimum": -2, "maximum": 2},
+                                    description="subtracted from the logit of every character generated so far")
+    frequency_penalty: float = Field(0.0, strict=True, json_schema_extra={"minimum": -2, "maximum": 2},
+                                     description="times each character's count so far, subtracted from its logit "
+                                     "(characters are tokens: it pushes down `e` and the space first)")
+    repetition_penalty: float = Field(1.0, strict=True, json_schema_extra={"exclusiveMinimum": 0, "maximum": 100},
+                                      description="vLLM's: the logits of characters in the seed or generated are "
+                                      "divided by it when positive, multiplied when negative (1: off)")
+    min_p: float = Field(0.0, strict=True, json_schema_extra={"minimum": 0, "maximum": 1},
+                         description="keep only characters at least this times as likely as the most likely one")
 
 
 class Usage(BaseModel):

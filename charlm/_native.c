@@ -605,11 +605,11 @@ static int64_t argmax_one(const float *logits, int vocab, float scale) {
 
 /* One id from logits (vocab floats), as charlm.sampling.sample_rows draws it: z = logits * scale
  * (in float), softmax in double over z sorted high to low, keep the top_k most likely whose
- * preceding mass is below top_p, and take the first whose cumulative mass exceeds u times the kept
+ * preceding mass is below top_p and whose probability is at least min_p times the top one, and take the first whose cumulative mass exceeds u times the kept
  * total. top_k >= vocab and top_p > 1 turn those filters off; top_k 1 is greedy (u is not used).
  * `work` holds 4 * vocab doubles. */
-static int64_t sample_one(const float *logits, int vocab, float scale, int top_k, double top_p, double u,
-                          double *work) {
+static int64_t sample_one(const float *logits, int vocab, float scale, int top_k, double top_p, double min_p,
+                          double u, double *work) {
   if (top_k == 1) return argmax_one(logits, vocab, scale);
   uint64_t *keys = (uint64_t *)work, *tmp = keys + vocab;
   double *probs = work + 2 * vocab, *cdf = work + 3 * vocab;
@@ -622,10 +622,10 @@ static int64_t sample_one(const float *logits, int vocab, float scale, int top_k
     probs[v] /= total;
     cdf[v] = running += probs[v];
   }
-  if (top_k < vocab || top_p <= 1.0) {
+  if (top_k < vocab || top_p <= 1.0 || min_p > 0.0) {
     running = 0.0;
     for (int v = 0; v < vocab; v++) {
-      int keep = v < top_k && cdf[v] - probs[v] < top_p;
+      int keep = v < top_k && cdf[v] - probs[v] < top_p && probs[v] >= min_p * probs[0];
       cdf[v] = running += keep ? probs[v] : 0.0;
     }
   }
@@ -638,7 +638,7 @@ static int64_t sample_one(const float *logits, int vocab, float scale, int top_k
 /* Row r of logits (rows x vocab) gets id out[r], drawn with its own settings and uniform u[r].
  * Rows are independent: threads split them. Returns 0, or -1 when scratch memory could not be had. */
 int charlm_sample(int rows, const float *logits, int vocab, const float *scale, const int32_t *top_k,
-                  const double *top_p, const double *u, int64_t *out, int threads) {
+                  const double *top_p, const double *min_p, const double *u, int64_t *out, int threads) {
   int failed = 0;
 #pragma omp parallel num_threads(threads) if (rows >= SAMPLE_PARALLEL_MIN)
   {
@@ -649,7 +649,8 @@ int charlm_sample(int rows, const float *logits, int vocab, const float *scale, 
     }
 #pragma omp for schedule(static)
     for (int r = 0; r < rows; r++)
-      if (work) out[r] = sample_one(logits + (size_t)r * vocab, vocab, scale[r], top_k[r], top_p[r], u[r], work);
+      if (work) out[r] = sample_one(logits + (size_t)r * vocab, vocab, scale[r], top_k[r], top_p[r], min_p[r], u[r],
+                                  work);
     free(work);
   }
   return failed ? -1 : 0;

@@ -53,6 +53,7 @@ from charlm.request import (
 )
 from charlm.sampling import RowSampler, SamplingParams, new_random_seed, sample_batch
 from charlm.scheduler import Scheduler
+from charlm.steering import Steering
 from charlm.stopping import StopStrings
 from charlm.vocab import Vocab
 
@@ -531,7 +532,9 @@ class Engine:
             rows.append(Row(job.gen, RowSampler(params, job.gen.random_seed), 0, admitted=job.admitted,
                              logprobs=[] if req.logprobs is not None else None, scale=params.sampler_scale,
                              top_k=params.top_k_for(self._vocab_size), top_p=params.top_p_or_off,
-                             stops=StopStrings(req.stop) if req.stop else None))
+                             stops=StopStrings(req.stop) if req.stop else None,
+                             min_p=0.0 if params.greedy else params.min_p,
+                             steering=Steering(params, self._vocab_size, job.ids[0].cpu()) if params.steers else None))
         sampling = time.perf_counter()
         tokens = self._sample(rows, logits).tolist()
         self._attach_logprobs(rows, logits, tokens)
@@ -576,7 +579,16 @@ class Engine:
         """One id per row, each drawn with that row's settings and its own random stream."""
         scale, top_k, top_p = [r.scale for r in rows], [r.top_k for r in rows], [r.top_p for r in rows]
         uniforms = [r.sampler.uniform() for r in rows]
-        return sample_batch(logits, scale, top_k, top_p, uniforms, self._decoder.kernels, self._sampled)
+        steered = [i for i, r in enumerate(rows) if r.steering is not None]
+        if steered:  # on a copy: log-probabilities report the model's own distribution
+            logits = logits.clone()
+            for i in steered:
+                rows[i].steering.apply(logits[i])  # type: ignore[union-attr]
+        ids = sample_batch(logits, scale, top_k, top_p, uniforms, self._decoder.kernels, self._sampled,
+                           [r.min_p for r in rows])
+        for i in steered:
+            rows[i].steering.update(int(ids[i]))  # type: ignore[union-attr]
+        return ids
 
     def _attach_logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: list[int]) -> None:
         """Give each row that asked for log-probabilities the entry of the character it just sampled.

@@ -14,6 +14,7 @@ import torch
 from charlm.handles import Generation, Handle, Scoring
 from charlm.request import CharLogprob
 from charlm.sampling import RowSampler
+from charlm.steering import Steering
 from charlm.stopping import StopStrings
 
 __all__ = ["ChunkedJob", "Prefill", "ScoreJob", "Job", "Row"]
@@ -84,3 +85,5 @@ class Row:
     top_k: int = 0
     top_p: float = 0.0
     stops: StopStrings | None = None  # None when the request has no stop strings: nothing to check
+    min_p: float = 0.0
+    steering: Steering | None = None  # None when the request has no bias or penalty: nothing to change

@@ -152,7 +152,7 @@ class Kernels:
         lib.charlm_linear.restype = None
         lib.charlm_lstm_cell.argtypes = [_int, _ptr, _int, _ptr, _ptr, _int, _int, _int]
         lib.charlm_lstm_cell.restype = None
-        lib.charlm_sample.argtypes = [_int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
+        lib.charlm_sample.argtypes = [_int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
         lib.charlm_sample.restype = _int
         lib.charlm_set_isa.argtypes = [_int]
         lib.charlm_set_isa.restype = _int
@@ -231,15 +231,17 @@ class Kernels:
         scale: Sequence[float],
         top_k: Sequence[int],
         top_p: Sequence[float],
+        min_p: Sequence[float],
         uniforms: Sequence[float],
         out: torch.Tensor,
     ) -> torch.Tensor:
         """One id per row of logits (rows, vocab) into out[:rows], with sampling.sample_rows's
-        semantics: top_k >= vocab and top_p > 1 switch those filters off."""
+        semantics: top_k >= vocab, top_p > 1 and min_p 0 switch those filters off."""
         rows, vocab = logits.shape
         status = self._lib.charlm_sample(
             rows, logits.data_ptr(), vocab, (ctypes.c_float * rows)(*scale), (ctypes.c_int32 * rows)(*top_k),
-            (ctypes.c_double * rows)(*top_p), (ctypes.c_double * rows)(*uniforms), out.data_ptr(),
+            (ctypes.c_double * rows)(*top_p), (ctypes.c_double * rows)(*min_p), (ctypes.c_double * rows)(*uniforms),
+            out.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:

@@ -239,6 +239,18 @@ def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> 
     if request.timeout is not None and not request.timeout > 0:
         raise RequestError("timeout", f"must be > 0 seconds, got {request.timeout}")
     _validate_logprobs("logprobs", request.logprobs)
+    _validate_bias(request.sampling.logit_bias, len(vocab))
+
+
+def _validate_bias(bias: tuple[tuple[int, float], ...], vocab_size: int) -> None:
+    """The ids a bias names exist in this model's vocabulary, and name each at most once."""
+    if len(bias) > vocab_size:
+        raise RequestError("logit_bias", f"at most {vocab_size} entries (the vocabulary's size), got {len(bias)}")
+    ids = [token for token, _ in bias]
+    if any(token >= vocab_size for token in ids):
+        raise RequestError("logit_bias", f"vocabulary ids run from 0 to {vocab_size - 1}, got {max(ids)}")
+    if len(set(ids)) < len(ids):
+        raise RequestError("logit_bias", "names a character more than once")
 
 
 def validate_score(request: ScoreRequest, vocab: Vocab, limits: EngineLimits) -> None:

@@ -43,6 +43,11 @@ MAX_TOP_K = 0x110000
 # top_k >= vocabulary size keeps every character, top_p above 1 keeps the whole distribution.
 TOP_P_OFF = 2.0
 
+# The ranges OpenAI (bias, presence and frequency penalties) and vLLM (repetition penalty) allow.
+MAX_LOGIT_BIAS = 100.0
+MAX_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 100.0  # vLLM takes any value > 0; beyond this the logits are already flattened
+
 
 class InvalidParameter(ValueError):
     """A sampling setting outside its range; `field` names it, `message` says what is allowed."""
@@ -63,8 +68,17 @@ class SamplingParams:
     top_k: int | None = None  # keep only the k most likely characters
     top_p: float | None = None  # keep the smallest most-likely set whose probability reaches p
     # Always the most likely character (argmax; ties go to the lowest id), with no randomness: OpenAI's
-    # temperature 0. The other three settings then change nothing.
+    # temperature 0. scale_factor, top_k, top_p and min_p then change nothing; bias and penalties do.
     greedy: bool = False
+    min_p: float = 0.0  # keep characters at least this times as likely as the most likely one (0: off)
+    # Added to the logits of these vocabulary ids before anything else (-100 bans one): (id, bias) pairs.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # OpenAI's penalties over the characters generated so far: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's, over the seed's and the generated characters: a positive logit divided by it, a negative one
+    # multiplied (1: off; above 1 discourages repeating)
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         scale = self.scale_factor
@@ -81,6 +95,24 @@ class SamplingParams:
             raise InvalidParameter("top_p", f"must be in (0, 1], got {self.top_p}")
         if not isinstance(self.greedy, bool):
             raise InvalidParameter("greedy", f"must be true or false, got {type(self.greedy).__name__}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _check_range("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY, low_open=True)
+        for entry in self.logit_bias:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], int)
+                    and not isinstance(entry[0], bool) and entry[0] >= 0):
+                raise InvalidParameter("logit_bias", "must map vocabulary ids (whole numbers >= 0) to biases")
+            _check_range("logit_bias", entry[1], -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+
+    @property
+    def steers(self) -> bool:
+        """Whether the logits change before sampling (a bias or a penalty): then the engine keeps counts."""
+        return bool(self.logit_bias) or self.penalizes
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def top_k_for(self, vocab_size: int) -> int:
         """top_k as the samplers take it: at most the vocabulary size, which means no filter; 1 when
@@ -100,6 +132,13 @@ class SamplingParams:
         return 1.0 if self.greedy else float(self.scale_factor)
 
 
+def _check_range(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameter(name, f"must be a finite number, got {value!r}"[:200])
+    if not (low < value <= high if low_open else low <= value <= high):
+        raise InvalidParameter(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
+
+
 class RowSampler:
     """One request's sampling settings and its private random stream (Python's Mersenne Twister)."""
 
@@ -117,11 +156,16 @@ def sample_rows(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     uniforms: torch.Tensor,
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one id per row of `logits` (rows, vocab) by inverse CDF over the filtered distribution.
 
     scale (rows,) float; top_k (rows,) int (vocab size = off); top_p (rows,) float (> 1 = off);
-    uniforms (rows,) in [0, 1). Sorting is stable, so ties break by id, deterministically.
+    uniforms (rows,) in [0, 1); min_p (rows,) float (0 = off): a character is kept when it is among
+    the top_k, the mass before it is below top_p, and its probability is at least min_p times the
+    most likely one's. Each filter is measured on the whole distribution, so their order does not
+    matter (min_p's ratio to the top is the same before and after the others). Sorting is stable,
+    so ties break by id, deterministically.
     top_k 1 is greedy decoding: the first id of that order, whatever the uniform.
     The engine's native sampler (charlm_sample in _native.c) draws the same ids; a test holds it to that.
     """
@@ -131,10 +175,12 @@ def sample_rows(
     z_sorted, order = torch.sort(z, dim=1, descending=True, stable=True)
     probs = torch.softmax(z_sorted, dim=1)
     cdf = probs.cumsum(1)
-    if bool((top_k < z.size(1)).any()) or bool((top_p <= 1).any()):  # else every mask is all ones
+    min_p = torch.zeros(len(z), dtype=torch.float64) if min_p is None else min_p.double()
+    if bool((top_k < z.size(1)).any()) or bool((top_p <= 1).any()) or bool((min_p > 0).any()):
         rank = torch.arange(z.size(1), device=z.device)
         before = cdf - probs  # probability of the more likely characters
         keep = (rank[None, :] < top_k[:, None]) & (before < top_p[:, None].double())
+        keep &= probs >= min_p[:, None].to(z.device) * probs[:, :1]
         cdf = (probs * keep).cumsum(1)
     target = uniforms.double()[:, None].to(z.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True).clamp_(max=z.size(1) - 1)
@@ -149,6 +195,7 @@ def sample_batch(
     uniforms: list[float],
     kernels: Kernels | None = None,
     out: torch.Tensor | None = None,
+    min_p: list[float] | None = None,
 ) -> torch.Tensor:
     """One id per row of `logits` (rows, vocab), each row with its own settings (as SamplingParams'
     sampler_scale, top_k_for and top_p_or_off give them) and its own uniform draw in [0, 1).
@@ -159,7 +206,8 @@ def sample_batch(
     if kernels is not None:
         if out is None:
             raise ValueError("the native sampler needs an `out` buffer")
-        return kernels.sample(logits.float().contiguous(), scale, top_k, top_p, uniforms, out)
+        return kernels.sample(logits.float().contiguous(), scale, top_k, top_p, min_p or [0.0] * len(scale), uniforms,
+                              out)
     dev = logits.device
     return sample_rows(
         logits,
@@ -167,4 +215,5 @@ def sample_batch(
         torch.tensor(top_k, device=dev),
         torch.tensor(top_p, device=dev),
         torch.tensor(uniforms, dtype=torch.float64),
+        None if min_p is None else torch.tensor(min_p, dtype=torch.float64),
     )

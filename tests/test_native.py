@@ -168,13 +168,18 @@ def test_sampler_draws_what_sample_rows_draws(kernels: native.Kernels) -> None:
     top_p = torch.rand(n, generator=gen) * 1.3
     top_p[top_p > 1] = 2.0
     u = torch.rand(n, dtype=torch.float64, generator=gen)
-    expected = sample_rows(logits, scale, top_k, top_p, u)
+    min_p = torch.where(torch.rand(n, generator=gen) < 0.5, torch.rand(n, generator=gen).double() * 0.5, 0.0)
+    expected = sample_rows(logits, scale, top_k, top_p, u, min_p)
     out = torch.empty(n, dtype=torch.long)
-    got = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), u.tolist(), out)
+    got = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), min_p.tolist(), u.tolist(), out)
     assert torch.equal(got, expected)
     firsts = kernels.sample(logits[:1].expand(200, -1).contiguous(), [1.0] * 200, [3] * 200, [2.0] * 200,
-                            torch.rand(200, generator=gen).tolist(), out)
+                            [0.0] * 200, torch.rand(200, generator=gen).tolist(), out)
     assert set(firsts.tolist()) == set(torch.topk(logits[0], 3).indices.tolist())
+    probs = torch.softmax(logits[0].double(), 0)
+    kept = kernels.sample(logits[:1].expand(500, -1).contiguous(), [1.0] * 500, [vocab] * 500, [2.0] * 500,
+                          [0.3] * 500, torch.rand(500, generator=gen).tolist(), out)
+    assert set(kept.tolist()) == set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())  # min_p
 
 
 def test_greedy_rows_take_the_argmax_with_ties_to_the_lowest_id(kernels: native.Kernels) -> None:
@@ -192,11 +197,12 @@ def test_greedy_rows_take_the_argmax_with_ties_to_the_lowest_id(kernels: native.
     top_p = torch.full((n,), 2.0)
     u = torch.rand(n, dtype=torch.float64, generator=gen)
     out = torch.empty(n, dtype=torch.long)
-    got = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), u.tolist(), out).clone()
+    zeros = [0.0] * n
+    got = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), zeros, u.tolist(), out).clone()
     assert torch.equal(got, sample_rows(logits, scale, top_k, top_p, u))  # the same ids as the PyTorch sampler
     assert torch.equal(got[greedy], logits[greedy].argmax(1))
     assert set(got[:50][greedy[:50]].tolist()) <= {7}
     assert set(got[50:60][greedy[50:60]].tolist()) <= {2}
     other_u = torch.rand(n, dtype=torch.float64, generator=gen)
-    again = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), other_u.tolist(), out)
+    again = kernels.sample(logits, scale.tolist(), top_k.tolist(), top_p.tolist(), zeros, other_u.tolist(), out)
     assert torch.equal(again[greedy], got[greedy])  # the uniform plays no part in a greedy row

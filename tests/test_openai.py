@@ -211,9 +211,6 @@ UNSUPPORTED = [
     ({"suffix": "and so on"}, "suffix"),
     ({"best_of": 3}, "best_of"),
     ({"n": 2, "best_of": 3}, "best_of"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1.0}, "frequency_penalty"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ]
 

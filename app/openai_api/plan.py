@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from app.errors import ApiError
 from app.openai_api.protocol import CompletionRequest
-from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, SamplingParams
+from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, InvalidParameter, SamplingParams
 from charlm.vocab import Vocab
 
 
@@ -68,11 +68,6 @@ def refuse_unsupported(body: CompletionRequest) -> None:
         raise unsupported("suffix", "it generates left to right only; send no suffix (or an empty one)")
     if body.best_of is not None and body.best_of != n:
         raise unsupported("best_of", f"best_of must equal n ({n}) or be left out; ranking choices is not implemented")
-    if body.logit_bias:
-        raise unsupported("logit_bias", "send no logit_bias (or an empty one)")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0):
-            raise unsupported(name, "only 0 (or leaving it out) is accepted")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
@@ -105,13 +100,37 @@ def _decode(vocab: Vocab, ids: Sequence[int]) -> str:
 
 def sampling_of(body: CompletionRequest) -> SamplingParams:
     """temperature → scale_factor = 1/temperature; 0 (or top_p 0) is greedy. Temperatures below
-    1/MAX_SCALE_FACTOR use that factor, which already always picks the most likely character."""
+    1/MAX_SCALE_FACTOR use that factor, which already always picks the most likely character.
+    Bias and penalties as OpenAI (and vLLM: repetition_penalty, min_p) define them; a value out of
+    range is a 400 naming it."""
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    if temperature == 0 or top_p == 0:
-        return SamplingParams(greedy=True)
-    scale = min(1.0 / temperature, MAX_SCALE_FACTOR) if temperature > 1.0 / MAX_SCALE_FACTOR else MAX_SCALE_FACTOR
-    return SamplingParams(scale_factor=scale, top_p=top_p if top_p < 1 else None)
+    steering = {
+        "logit_bias": _bias_ids(body.logit_bias or {}),
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+    }
+    try:
+        if temperature == 0 or top_p == 0:
+            return SamplingParams(greedy=True, **steering)  # type: ignore[arg-type]
+        scale = min(1.0 / temperature, MAX_SCALE_FACTOR) if temperature > 1.0 / MAX_SCALE_FACTOR else MAX_SCALE_FACTOR
+        return SamplingParams(scale_factor=scale, top_p=top_p if top_p < 1 else None, min_p=body.min_p or 0.0,
+                              **steering)  # type: ignore[arg-type]
+    except InvalidParameter as exc:
+        raise ApiError(400, f"Invalid value for '{exc.field}': {exc.message}", param=exc.field) from None
+
+
+def _bias_ids(bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token ids (here, a vocabulary character's index, as /tokenize gives it) as
+    strings. Whether each id exists is the engine's to check against the model's vocabulary."""
+    ids = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 7):
+            raise ApiError(400, f"Invalid value for 'logit_bias': keys are token ids (whole numbers, as /tokenize "
+                           f"gives them), got {key[:20]!r}", param="logit_bias")
+        ids.append((int(key), value))
+    return tuple(ids)
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:

@@ -71,11 +71,19 @@ class CompletionRequest(BaseModel):
         None, description=f"a string or up to {MAX_STOP} strings; generation ends before the first that appears"
     )
     presence_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False, strict=True,
-                                           description="not supported: only 0")
+                                           description="subtracted from the logit of each character generated so far")
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False, strict=True,
-                                            description="not supported: only 0")
+                                            description="times each character's count so far, subtracted from its "
+                                            "logit (characters are tokens: it pushes down `e` and the space first)")
     best_of: int | None = Field(None, ge=1, le=MAX_N, strict=True, description="supported only equal to n")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only empty")
+    logit_bias: dict[str, float] | None = Field(None, description="token ids (a character's index in the vocabulary, "
+                                                "as /tokenize gives it) -> bias in [-100, 100]; -100 bans one")
+    # vLLM's sampling parameters (the openai SDK sends them with extra_body)
+    repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False, strict=True,
+                                             description="vLLM's: the logits of characters in the prompt or "
+                                             "generated are divided by it when positive, multiplied when negative")
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, strict=True,
+                                description="vLLM's: keep only characters at least this times as likely as the top")
     seed: int | None = Field(None, ge=0, le=MAX_RANDOM_SEED, strict=True,
                              description="same request + same seed = same text, alone or among other requests")
     user: str | None = Field(None, description="accepted and ignored (the body limit bounds it)")

@@ -17,8 +17,16 @@ from app.registry import Served
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from app.sse import ServerSentEvent, sse_content, sse_response
 from charlm.handles import Generation
-from charlm.request import EngineClosedError, GenerationFailed, GenerationRequest, GenerationResult, QueueFullError
+from charlm.request import (
+    EngineClosedError,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    QueueFullError,
+    RequestError,
+)
 from charlm.sampling import InvalidParameter, SamplingParams
+from charlm.vocab import Vocab
 
 router = APIRouter(tags=["generate"], dependencies=[Authorized], responses=ERROR_RESPONSES)
 
@@ -32,12 +40,30 @@ async def submitted(body: GenerateRequest, request: Request) -> tuple[Generation
             return served.engine.submit(
                 GenerationRequest(
                     seed=body.seed, length=body.length, random_seed=body.random_seed, stop=tuple(body.stop),
-                    sampling=SamplingParams(body.scale_factor, body.top_k, body.top_p),
+                    sampling=SamplingParams(body.scale_factor, body.top_k, body.top_p, min_p=body.min_p,
+                                            logit_bias=bias_by_character(body.logit_bias, served.checkpoint.vocab),
+                                            presence_penalty=body.presence_penalty,
+                                            frequency_penalty=body.frequency_penalty,
+                                            repetition_penalty=body.repetition_penalty),
                     timeout=request.app.state.settings.request_timeout,
                 )
             ), served
         except (InvalidParameter, QueueFullError, EngineClosedError) as exc:
             raise refusal(exc, metrics) from None
+
+
+def bias_by_character(bias: dict[str, float], vocab: Vocab) -> tuple[tuple[int, float], ...]:
+    """The native API's logit_bias, keyed by characters, as vocabulary ids (a RequestError names a key
+    that is not one character of the vocabulary)."""
+    if len(bias) > len(vocab):  # before any lookup: the work stays bounded by the vocabulary
+        raise RequestError("logit_bias", f"at most {len(vocab)} entries (the vocabulary's size), got {len(bias)}")
+    if any(len(key) != 1 for key in bias):
+        wrong = next(key for key in bias if len(key) != 1)
+        raise RequestError("logit_bias", f"keys are single characters, got {wrong[:20]!r}")
+    unknown = [key for key in bias if key not in vocab]
+    if unknown:
+        raise RequestError("logit_bias", f"characters not in the model's vocabulary: {unknown[:20]}", unknown)
+    return tuple((int(vocab.encode(key)[0]), value) for key, value in bias.items())
 
 
 Submitted = Annotated[tuple[Generation, Served], Depends(submitted)]

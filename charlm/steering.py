@@ -1,0 +1,53 @@
+"""A request's logit bias and penalties: the logits of its row changed before sampling.
+
+Applied in this order, each to the row's logits as the model gave them: `logit_bias` (added), then
+vLLM's `repetition_penalty` (over the seed's and the generated characters: a positive logit divided
+by it, a negative one multiplied), then OpenAI's presence and frequency penalties (over the generated
+characters: logit -= frequency x count + presence x (count > 0)). The samplers then scale, filter
+(top_k, top_p, min_p) and draw (charlm/sampling.py). Each row's arithmetic is its own, elementwise in
+float32, so a request's text stays independent of the batch. Characters are tokens here, so a
+frequency penalty counts letters: it pushes down `e` and the space first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from charlm.sampling import SamplingParams
+
+__all__ = ["Steering"]
+
+
+class Steering:
+    """One row's bias vector and the counts its penalties need, updated with each sampled character."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, seed_ids: torch.Tensor):
+        self.bias: torch.Tensor | None = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for token, value in params.logit_bias:
+                self.bias[token] = value
+        self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
+        self.repetition = params.repetition_penalty
+        self.counts = torch.zeros(vocab_size) if self.presence or self.frequency else None
+        self.seen: torch.Tensor | None = None
+        if self.repetition != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen[seed_ids] = True
+
+    def apply(self, z: torch.Tensor) -> None:
+        """Change one row's logits (vocab,) in place."""
+        if self.bias is not None:
+            z += self.bias
+        if self.seen is not None:
+            penalized = torch.where(z > 0, z / self.repetition, z * self.repetition)
+            torch.where(self.seen, penalized, z, out=z)
+        if self.counts is not None:
+            z -= self.counts * self.frequency + (self.counts > 0).float() * self.presence
+
+    def update(self, token: int) -> None:
+        """Count a character the row has just sampled."""
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
