@@ -209,8 +209,8 @@ def test_a_timed_out_request_ends_with_length_and_the_partial_text(tiny_checkpoi
 
 UNSUPPORTED = [
     ({"suffix": "and so on"}, "suffix"),
-    ({"best_of": 3}, "best_of"),
-    ({"n": 2, "best_of": 3}, "best_of"),
+    ({"n": 3, "best_of": 2}, "best_of"),
+    ({"best_of": 3, "stream": True}, "best_of"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ]
 
@@ -359,3 +359,19 @@ def test_a_failure_mid_stream_is_an_error_event_and_the_end(tiny_checkpoint_path
         assert "row exploded" in r.json()["error"]["message"]
         # The fault hits only random_seed 99: every other request is served as before.
         assert complete(client, prompt="The ", max_tokens=10)["choices"][0]["finish_reason"] == "length"
+
+
+def test_best_of_returns_the_n_most_likely_of_its_candidates(client: TestClient) -> None:
+    common = {"prompt": "The ", "max_tokens": 40, "seed": 11, "temperature": 1.5}
+    candidates = complete(client, n=5, logprobs=0, **common)["choices"]  # the same five, seeds and all
+    likelihood = {c["text"]: sum(c["logprobs"]["token_logprobs"]) for c in candidates}
+    ranked = sorted(likelihood, key=lambda text: -likelihood[text])
+    body = complete(client, n=2, best_of=5, **common)
+    assert [c["text"] for c in body["choices"]] == ranked[:2]
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["logprobs"] is None
+    with_logprobs = complete(client, n=2, best_of=5, logprobs=1, **common)["choices"]
+    assert [c["text"] for c in with_logprobs] == ranked[:2] and with_logprobs[0]["logprobs"]["top_logprobs"]
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "The", "n": 1, "best_of": 10**6})
+    assert r.status_code in (400, 422) and "best_of" in r.text
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": ["The"] * 10, "best_of": 100})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of" and "queue places" in r.text

@@ -33,6 +33,16 @@ class Plan:
     echo: bool
     seed: int | None
     include_usage: bool
+    best_of: int = 0  # candidates generated per prompt, the n most likely returned (0: n)
+
+    @property
+    def candidates(self) -> int:
+        """Generations per prompt: best_of when it ranks, else n."""
+        return max(self.best_of, self.n)
+
+    @property
+    def ranks(self) -> bool:
+        return self.candidates > self.n
 
     @property
     def scores_prompts(self) -> bool:
@@ -50,10 +60,11 @@ class Plan:
     def logprob_values(self) -> int:
         """Log-probabilities the whole response may carry: per choice, every echoed and generated
         character's own value and its alternatives. This bounds what the request makes the server hold."""
-        if self.logprobs is None:
+        if self.logprobs is None and not self.ranks:
             return 0
-        chars = sum((len(p) if self.echo else 0) + self.max_tokens for p in self.prompts) * self.n
-        return chars * (1 + self.logprobs)
+        # ranking needs each candidate's chosen characters' log-probabilities, asked for or not
+        chars = sum((len(p) if self.echo else 0) + self.max_tokens for p in self.prompts) * self.candidates
+        return chars * (1 + (self.logprobs or 0))
 
 
 def unsupported(param: str, message: str) -> ApiError:
@@ -66,8 +77,12 @@ def refuse_unsupported(body: CompletionRequest) -> None:
     n = body.n or 1
     if body.suffix:
         raise unsupported("suffix", "it generates left to right only; send no suffix (or an empty one)")
-    if body.best_of is not None and body.best_of != n:
-        raise unsupported("best_of", f"best_of must equal n ({n}) or be left out; ranking choices is not implemented")
+    if body.best_of is not None and body.best_of < n:
+        raise ApiError(400, f"Invalid value for 'best_of': it must be at least n ({n}), got {body.best_of}",
+                       param="best_of")
+    if body.best_of is not None and body.best_of > n and body.stream:
+        raise ApiError(400, "best_of above n cannot be streamed (the best are known only at the end): send "
+                       "stream: false, or best_of equal to n", param="best_of")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
@@ -159,6 +174,7 @@ def plan_of(body: CompletionRequest, model: str, vocab: Vocab, limits: PlanLimit
         max_tokens=16 if body.max_tokens is None else body.max_tokens, sampling=sampling_of(body),
         stop=tuple(stop), logprobs=body.logprobs, echo=bool(body.echo), seed=body.seed,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        best_of=(body.best_of or 0) if body.max_tokens != 0 else 0,  # nothing generated: nothing to rank
     )
     check_size(plan, limits)
     return plan
@@ -173,9 +189,10 @@ def check_size(plan: Plan, limits: PlanLimits) -> None:
                        f"choice(s) x (1 + {plan.logprobs} alternatives) = {values:,} log-probabilities; this server "
                        f"returns at most {limits.max_logprob_values:,} per request (max_logprob_values on /info): "
                        "lower n, max_tokens or logprobs, or leave out echo", param="logprobs")
-    places = plan.choices + plan.scorings()
+    places = len(plan.prompts) * plan.candidates + plan.scorings()
     if places > limits.max_choices:
         scored = f" + {plan.scorings()} prompt scoring job(s) (echo with logprobs)" if plan.scorings() else ""
-        raise ApiError(400, f"Invalid value for 'n': {len(plan.prompts)} prompt(s) x n={plan.n} choices{scored} = "
-                       f"{places} queue places; this server allows at most {limits.max_choices} per request "
-                       "(max_choices on /info)", param="n")
+        param = "best_of" if plan.ranks else "n"
+        raise ApiError(400, f"Invalid value for '{param}': {len(plan.prompts)} prompt(s) x {param}={plan.candidates} "
+                       f"choices{scored} = {places} queue places; this server allows at most {limits.max_choices} "
+                       "per request (max_choices on /info)", param=param)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,11 +76,12 @@ def submit(plan: Plan, engine: Engine, timeout: float, metrics: Metrics) -> Work
             scorings.append(engine.score(ScoreRequest(prompt, plan.logprobs or 0, timeout=timeout)) if needed else None)
         gens: list[Generation | None] = [None] * plan.choices
         if plan.max_tokens > 0:
+            logprobs = 0 if plan.ranks and plan.logprobs is None else plan.logprobs  # ranking reads them
             gens = list(engine.submit_many([
                 GenerationRequest(seed=prompt, length=plan.max_tokens, sampling=plan.sampling,
                                   random_seed=choice_seed(plan.seed, j), stop=plan.stop, timeout=timeout,
-                                  logprobs=plan.logprobs)
-                for prompt in plan.prompts for j in range(plan.n)
+                                  logprobs=logprobs)
+                for prompt in plan.prompts for j in range(plan.candidates)
             ]))
         else:  # nothing to generate: the prompts are still checked as the engine checks a seed
             for prompt in plan.prompts:
@@ -90,6 +92,24 @@ def submit(plan: Plan, engine: Engine, timeout: float, metrics: Metrics) -> Work
                 scoring.cancel()
         raise refusal(exc, metrics) from None
     return Work(scorings, gens)
+
+
+def best(plan: Plan, results: Sequence[GenerationResult | None]) -> list[GenerationResult | None]:
+    """Each prompt's n candidates with the highest cumulative log-probability (the model's, of the
+    characters chosen), most likely first; ties keep the candidates' order. Without best_of, all."""
+    if not plan.ranks:
+        return list(results)
+    chosen: list[GenerationResult | None] = []
+    for p in range(len(plan.prompts)):
+        group = results[p * plan.candidates : (p + 1) * plan.candidates]
+        chosen += sorted(group, key=lambda r: -cumulative_logprob(r))[: plan.n]
+    return chosen
+
+
+def cumulative_logprob(result: GenerationResult | None) -> float:
+    if result is None:
+        return -math.inf
+    return sum(e.logprob for e in result.logprobs or () if e.logprob is not None)
 
 
 def refusal(exc: InvalidParameter | QueueFullError | EngineClosedError, metrics: Metrics) -> ApiError:

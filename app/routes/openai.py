@@ -28,6 +28,7 @@ from app.openai_api.serving import (
     CompletionStream,
     Header,
     Work,
+    best,
     completion_body,
     engine_error,
     outcome,
@@ -129,6 +130,7 @@ async def _respond(plan: Plan, work: Work, stream: bool | None, request: Request
         work.cancel()  # no-op when finished; frees the rows if this handler itself was cancelled
     for result in results:
         state.metrics.record(served.id, result)
+    results = best(plan, results)
     return StreamingResponse(_released(completion_body(plan, header, scored, results), lease.release),
                              media_type="application/json", background=BackgroundTask(lease.release),
                              headers=headers)
