@@ -8,6 +8,7 @@ docs/playground.png for the README.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -133,6 +134,22 @@ def network_log(driver: WebDriver) -> tuple[dict[str, int], list[str], list[str]
         elif message["method"] == "Network.loadingFailed":
             failures.append(f"{params.get('type')}: {params.get('errorText')}")
     return statuses, failures, requested
+
+
+def posted_bodies(driver: WebDriver, url: str) -> list[dict[str, Any]]:
+    """From Chromium's performance log: the JSON bodies of the POSTs to `url` since the log was last read."""
+    bodies = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] != "Network.requestWillBeSent":
+            continue
+        request = message["params"]["request"]
+        if request["url"] == url and request["method"] == "POST":
+            data = request.get("postData")
+            if data is None:  # newer Chromium may give only the entries, base64-encoded
+                data = b"".join(base64.b64decode(part.get("bytes", "")) for part in request["postDataEntries"]).decode()
+            bodies.append(json.loads(data))
+    return bodies
 
 
 def default_model(server: Server) -> str:
@@ -281,6 +298,98 @@ def test_an_unknown_character_is_named(server: Server, browser: WebDriver) -> No
     assert wait_state(browser, "done", "error", "stopped") == "error"
     message = text_of(browser, "generate-error")
     assert "“é” (U+00E9)" in message and "“€” (U+20AC)" in message, message
+
+
+STEERING_HELP = ("ban-chars", "boost-chars", "boost-bias", "presence-penalty", "frequency-penalty",
+                 "repetition-penalty", "min-p")
+
+
+def test_banned_characters_never_appear_and_the_body_carries_the_bias(server: Server, browser: WebDriver) -> None:
+    open_page(browser, server)
+    browser.get_log("performance")  # drop what earlier pages left
+    seed = "The "
+    generate_on_page(browser, seed, 300, **{"ban-chars": "e ", "random-seed": "3"})
+    assert wait_state(browser, "done", "error", "stopped") == "done: length", text_of(browser, "generate-error")
+    shown = text_of(browser, "output")
+    assert shown.startswith(seed) and len(shown) == len(seed) + 300
+    generated = shown[len(seed):]
+    assert "e" not in generated and " " not in generated, generated
+
+    # What the page sent: the ban as logit_bias, and nothing for the steering settings left off.
+    [body] = posted_bodies(browser, f"{server.url}/generate/stream")
+    assert body == {"model": default_model(server), "seed": seed, "length": 300, "scale_factor": 2,
+                    "random_seed": 3, "logit_bias": {"e": -100, " ": -100}}
+    # The API gives the same text for that body; without the ban, this seed's text has both characters.
+    assert httpx.post(f"{server.url}/generate", json=body, timeout=60).json()["text"] == shown
+    unbanned = httpx.post(f"{server.url}/generate", json={k: v for k, v in body.items() if k != "logit_bias"},
+                          timeout=60).json()["text"][len(seed):]
+    assert "e" in unbanned and " " in unbanned, "the ban is untested: the text has no e or no space anyway"
+
+
+def test_steering_settings_are_sent_only_when_on_and_a_ban_beats_a_boost(server: Server,
+                                                                        browser: WebDriver) -> None:
+    open_page(browser, server)
+
+    def curl_body() -> dict[str, Any]:
+        by_id(browser, "copy-curl").click()
+        command = wait_for(lambda: text_of(browser, "curl-command"), "the curl command")
+        words = shlex.split(command.replace("\\\n", " "))
+        sent: dict[str, Any] = json.loads(words[words.index("-d") + 1])
+        browser.execute_script("document.getElementById('curl-command').textContent = ''")
+        return sent
+
+    steering = {"logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"}
+    assert not steering & curl_body().keys()  # every one at its "off" value: none sent
+    settings = {"ban-chars": "xe", "boost-chars": "aeaé", "boost-bias": "7.5", "presence-penalty": "0.5",
+                "frequency-penalty": "-0.25", "repetition-penalty": "1.2", "min-p": "0.05"}
+    for field, value in settings.items():
+        fill(browser, field, value)
+    body = curl_body()
+    # Deduplicated, one key per character (é is one); e is both banned and boosted: banned.
+    assert body["logit_bias"] == {"x": -100, "e": -100, "a": 7.5, "é": 7.5}
+    assert {k: body[k] for k in steering - {"logit_bias"}} == {
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.2, "min_p": 0.05}
+    # Back at the "off" values (or empty): nothing sent again; a boost of 0 changes nothing either.
+    for field, value in {"ban-chars": "", "boost-bias": "0", "presence-penalty": "0", "frequency-penalty": "",
+                         "repetition-penalty": "1", "min-p": "0"}.items():
+        fill(browser, field, value)
+    assert not steering & curl_body().keys()
+
+    # Each control has a line of help.
+    for control in STEERING_HELP:
+        help_id = by_id(browser, control).get_attribute("aria-describedby")
+        assert help_id and len(text_of(browser, help_id).split()) > 5, control
+
+
+def test_an_out_of_range_steering_value_shows_the_servers_refusal(server: Server, browser: WebDriver) -> None:
+    open_page(browser, server)
+    fill(browser, "min-p", "1.5")
+    # The box's own range catches it first (the browser will not submit the form) ...
+    assert browser.execute_script("return document.getElementById('min-p').validity.rangeOverflow")
+    # ... so skip the browser's check, to see the server's answer shown.
+    browser.execute_script("document.getElementById('generate-form').noValidate = true")
+    generate_on_page(browser, "The ", 50)
+    assert wait_state(browser, "done", "error", "stopped") == "error"
+    message = text_of(browser, "generate-error")
+    refused = httpx.post(f"{server.url}/generate", json={"seed": "The ", "length": 50, "min_p": 1.5}, timeout=10)
+    assert refused.status_code == 422
+    [detail] = refused.json()["error"]["details"]
+    assert detail["field"] == "min_p"
+    assert message == f"The server refused the request:\nmin_p: {detail['message']}", message
+    assert text_of(browser, "output") == ""  # refused: nothing was generated
+
+    # A banned character outside the model's vocabulary is named as the seed's are.
+    fill(browser, "min-p", "0")
+    fill(browser, "ban-chars", "€")
+    by_id(browser, "generate").click()
+
+    def bias_refused() -> str | None:
+        shown = text_of(browser, "generate-error")
+        return shown if "logit_bias" in shown else None
+
+    message = wait_for(bias_refused, "the bias to be refused")
+    assert text_of(browser, "gen-state") == "error"
+    assert "logit_bias: unknown characters “€” (U+20AC)" in message, message
 
 
 def test_score_colours_each_character_and_shows_the_bpc(server: Server, browser: WebDriver, tmp_path: Path) -> None:

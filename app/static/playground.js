@@ -164,7 +164,37 @@ function generateBody() {
     const value = numberOrNull(id);
     if (value !== null) body[field] = value;
   }
+  const bias = logitBias();
+  if (Object.keys(bias).length) body.logit_bias = bias;
+  for (const [field, id, off] of STEERING) {
+    const value = numberOrNull(id);
+    if (value !== null && value !== off) body[field] = value;
+  }
   return body;
+}
+
+// The steering settings sent only when they change something: [field, input, its "off" value].
+const STEERING = [
+  ["presence_penalty", "presence-penalty", 0],
+  ["frequency_penalty", "frequency-penalty", 0],
+  ["repetition_penalty", "repetition-penalty", 1],
+  ["min_p", "min-p", 0],
+];
+const BAN = -100; // the lowest bias: the character is never drawn
+const BOOST = 5; // the boost's bias when its box is left empty
+
+// logit_bias from the two boxes, character by character (code points, as the server counts them):
+// every banned character at -100, every boosted one not also banned at the boost's bias.
+function logitBias() {
+  const bias = {};
+  for (const char of $("ban-chars").value) bias[char] = BAN;
+  const boost = numberOrNull("boost-bias") ?? BOOST;
+  if (boost !== 0) {
+    for (const char of $("boost-chars").value) {
+      if (!(char in bias)) bias[char] = boost;
+    }
+  }
+  return bias;
 }
 
 // Code points, as the server counts characters (a string's length counts UTF-16 units).
