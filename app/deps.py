@@ -9,11 +9,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from app.budget import BudgetExhausted, Lease
 from app.errors import ApiError, budget_refusal
 from app.registry import ModelBusy, ModelRegistry, ModelUnavailable, Served, UnknownModel
+from app.schemas import StructuredOutputs
+from charlm.constraint import CompiledConstraint, compile_constraint
 from charlm.handles import Handle
+from charlm.vocab import Vocab
 
 
 def not_ready_reason(state: Any) -> str | None:
@@ -82,3 +86,11 @@ def cancel_on_disconnect(request: Request, handles: Sequence[Handle[Any]]) -> as
     watcher = asyncio.ensure_future(_until_disconnected(request))
     watcher.add_done_callback(gone)
     return watcher
+
+
+async def compiled(outputs: StructuredOutputs | None, vocab: Vocab) -> CompiledConstraint | None:
+    """A request's constraint compiled for the model's vocabulary, off the event loop (a new pattern
+    takes a child process, up to charlm.constraint.COMPILE_SECONDS; a known one is cached)."""
+    if outputs is None:
+        return None
+    return await run_in_threadpool(compile_constraint, outputs.constraint(), vocab.chars)

@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+from charlm.constraint import MAX_CHOICES, MAX_PATTERN_CHARS, Constraint, ConstraintError
 from charlm.request import DEFAULT_LENGTH, MAX_LOGPROBS, EngineLimits
 from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, MAX_TOP_K
 
 _LIMITS = EngineLimits()  # the per-request rules that do not depend on the server's settings
+
+
+class StructuredOutputs(BaseModel):
+    """What the generated text must match, exactly (vLLM's `structured_outputs`; one of the three)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    regex: str | None = Field(None, max_length=MAX_PATTERN_CHARS, description="a regular expression (Rust syntax, "
+                              "as vLLM's backends take it) the whole generated text must match")
+    choice: list[str] | None = Field(None, max_length=MAX_CHOICES, description="the text is one of these strings, "
+                                     "picked with the model's probability of each")
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema the text must "
+                                                     "follow (the model's vocabulary must hold JSON's characters)")
+
+    def constraint(self) -> Constraint:
+        """The one constraint given, checked for size; ConstraintError names the field."""
+        given = {k: v for k, v in (("regex", self.regex), ("choice", self.choice), ("json", self.json_schema))
+                 if v is not None}
+        if len(given) != 1:
+            raise ConstraintError("constraint", f"give exactly one of regex, choice or json (got {len(given)})")
+        [(kind, value)] = given.items()
+        if kind == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConstraintError("json", "is not valid JSON") from None
+        return Constraint.of(kind, value)  # type: ignore[arg-type]
 
 
 class GenerateRequest(BaseModel):
@@ -60,6 +89,8 @@ class GenerateRequest(BaseModel):
                                       "divided by it when positive, multiplied when negative (1: off)")
     min_p: float = Field(0.0, strict=True, json_schema_extra={"minimum": 0, "maximum": 1},
                          description="keep only characters at least this times as likely as the most likely one")
+    constraint: StructuredOutputs | None = Field(None, description="what the generated text must match, exactly: "
+                                                 "{regex}, {choice} or {json}")
 
 
 class Usage(BaseModel):

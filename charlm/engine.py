@@ -533,7 +533,7 @@ class Engine:
                              logprobs=[] if req.logprobs is not None else None, scale=params.sampler_scale,
                              top_k=params.top_k_for(self._vocab_size), top_p=params.top_p_or_off,
                              stops=StopStrings(req.stop) if req.stop else None,
-                             min_p=0.0 if params.greedy else params.min_p,
+                             min_p=0.0 if params.greedy else params.min_p, constraint=req.constraint,
                              steering=Steering(params, self._vocab_size, job.ids[0].cpu()) if params.steers else None))
         sampling = time.perf_counter()
         tokens = self._sample(rows, logits).tolist()
@@ -580,15 +580,41 @@ class Engine:
         scale, top_k, top_p = [r.scale for r in rows], [r.top_k for r in rows], [r.top_p for r in rows]
         uniforms = [r.sampler.uniform() for r in rows]
         steered = [i for i, r in enumerate(rows) if r.steering is not None]
-        if steered:  # on a copy: log-probabilities report the model's own distribution
+        constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+        if steered or constrained:  # on a copy: log-probabilities report the model's own distribution
             logits = logits.clone()
             for i in steered:
                 rows[i].steering.apply(logits[i])  # type: ignore[union-attr]
+            for i in constrained:
+                self._mask(rows[i], logits[i])
         ids = sample_batch(logits, scale, top_k, top_p, uniforms, self._decoder.kernels, self._sampled,
                            [r.min_p for r in rows])
         for i in steered:
             rows[i].steering.update(int(ids[i]))  # type: ignore[union-attr]
+        for i in constrained:
+            row = rows[i]
+            if not row.matched_end:
+                row.state = int(row.constraint.next[row.state, int(ids[i])])  # type: ignore[union-attr]
         return ids
+
+    def _mask(self, row: Row, z: torch.Tensor) -> None:
+        """Keep only the characters that continue the row's constraint (in place, after steering). At a
+        complete match that can grow, first decide whether the text ends: with the probability the
+        model gives to the characters that would leave the language (greedy: when its top one would)."""
+        constraint, state = row.constraint, row.state
+        assert constraint is not None
+        allowed = torch.from_numpy(constraint.allowed[state])
+        if constraint.accepting[state]:
+            if not constraint.grows[state]:
+                row.matched_end = True
+            elif row.sampler.params.greedy:
+                row.matched_end = not bool(allowed[int(z.argmax())])
+            else:
+                probs = torch.softmax(z.double() * row.scale, dim=0)
+                row.matched_end = row.sampler.uniform() < float(probs[~allowed].sum())
+            if row.matched_end:
+                return  # what is sampled now is not used
+        z.masked_fill_(~allowed, float("-inf"))
 
     def _attach_logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: list[int]) -> None:
         """Give each row that asked for log-probabilities the entry of the character it just sampled.
@@ -647,6 +673,8 @@ class Engine:
             self._on_char(gen, len(row.generated))
         if reason := gen.ended_early():
             return self._finish(row, reason)
+        if row.matched_end:  # a complete match, ended by the model's choice
+            return self._finish(row, "stop")
         row.generated.append(self.vocab.chars[row.token])
         if row.logprobs is not None:
             assert row.pending is not None, "a row that asks for logprobs got no entry for its character"
@@ -660,6 +688,9 @@ class Engine:
                 if row.logprobs is not None:
                     del row.logprobs[len(row.generated) :]
                 return self._finish(row, "stop")
+        done = row.constraint
+        if done is not None and done.accepting[row.state] and not done.grows[row.state]:
+            return self._finish(row, "stop")  # a complete match that nothing can extend
         if len(row.generated) >= gen.request.length:
             return self._finish(row, "length")
         upto = len(row.generated) - held

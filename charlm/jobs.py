@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from charlm.constraint import CompiledConstraint
 from charlm.handles import Generation, Handle, Scoring
 from charlm.request import CharLogprob
 from charlm.sampling import RowSampler
@@ -87,3 +88,8 @@ class Row:
     stops: StopStrings | None = None  # None when the request has no stop strings: nothing to check
     min_p: float = 0.0
     steering: Steering | None = None  # None when the request has no bias or penalty: nothing to change
+    # With a constraint: its tables, the automaton's state after the characters so far, and whether
+    # the text is to end here (a complete match the model chose to end)
+    constraint: CompiledConstraint | None = None
+    state: int = 0
+    matched_end: bool = False

@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from charlm.sampling import MAX_RANDOM_SEED, InvalidParameter, SamplingParams
 from charlm.vocab import UnknownCharactersError, Vocab
+
+if TYPE_CHECKING:  # only the type: requests must not import numpy's tables or the compiler
+    from charlm.constraint import CompiledConstraint
 
 __all__ = [
     "FinishReason",
@@ -120,6 +123,8 @@ class GenerationRequest:
     # For each generated character its CharLogprob with this many alternatives (0 to MAX_LOGPROBS);
     # None: not computed at all, so requests that do not ask pay nothing for it.
     logprobs: int | None = None
+    # The text generated must match it (charlm/constraint.py): compiled for this model's vocabulary.
+    constraint: CompiledConstraint | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,8 @@ def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> 
         raise RequestError("timeout", f"must be > 0 seconds, got {request.timeout}")
     _validate_logprobs("logprobs", request.logprobs)
     _validate_bias(request.sampling.logit_bias, len(vocab))
+    if request.constraint is not None and request.constraint.chars != vocab.chars:
+        raise RequestError("constraint", "was compiled for another vocabulary: compile it for this model's")
 
 
 def _validate_bias(bias: tuple[tuple[int, float], ...], vocab_size: int) -> None:

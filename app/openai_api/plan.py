@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from app.errors import ApiError
 from app.openai_api.protocol import CompletionRequest
+from charlm.constraint import CompiledConstraint
 from charlm.sampling import MAX_RANDOM_SEED, MAX_SCALE_FACTOR, InvalidParameter, SamplingParams
 from charlm.vocab import Vocab
 
@@ -34,6 +35,7 @@ class Plan:
     seed: int | None
     include_usage: bool
     best_of: int = 0  # candidates generated per prompt, the n most likely returned (0: n)
+    constraint: CompiledConstraint | None = None  # structured_outputs, compiled for the model
 
     @property
     def candidates(self) -> int:
@@ -165,7 +167,8 @@ class PlanLimits:
     max_logprob_values: int  # log-probabilities one response may carry
 
 
-def plan_of(body: CompletionRequest, model: str, vocab: Vocab, limits: PlanLimits) -> Plan:
+def plan_of(body: CompletionRequest, model: str, vocab: Vocab, limits: PlanLimits,
+            constraint: CompiledConstraint | None = None) -> Plan:
     """The request as a Plan, or a 400 naming the parameter to change."""
     refuse_unsupported(body)
     stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
@@ -175,6 +178,7 @@ def plan_of(body: CompletionRequest, model: str, vocab: Vocab, limits: PlanLimit
         stop=tuple(stop), logprobs=body.logprobs, echo=bool(body.echo), seed=body.seed,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         best_of=(body.best_of or 0) if body.max_tokens != 0 else 0,  # nothing generated: nothing to rank
+        constraint=constraint,
     )
     check_size(plan, limits)
     return plan

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas import StructuredOutputs
 from charlm.request import MAX_LOGPROBS, EngineLimits
 from charlm.sampling import MAX_RANDOM_SEED
 
@@ -84,6 +85,8 @@ class CompletionRequest(BaseModel):
                                              "generated are divided by it when positive, multiplied when negative")
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, strict=True,
                                 description="vLLM's: keep only characters at least this times as likely as the top")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: what the text must match, "
+                                                         "exactly: {regex}, {choice} or {json}")
     seed: int | None = Field(None, ge=0, le=MAX_RANDOM_SEED, strict=True,
                              description="same request + same seed = same text, alone or among other requests")
     user: str | None = Field(None, description="accepted and ignored (the body limit bounds it)")

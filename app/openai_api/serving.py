@@ -80,7 +80,7 @@ def submit(plan: Plan, engine: Engine, timeout: float, metrics: Metrics) -> Work
             gens = list(engine.submit_many([
                 GenerationRequest(seed=prompt, length=plan.max_tokens, sampling=plan.sampling,
                                   random_seed=choice_seed(plan.seed, j), stop=plan.stop, timeout=timeout,
-                                  logprobs=logprobs)
+                                  logprobs=logprobs, constraint=plan.constraint)
                 for prompt in plan.prompts for j in range(plan.candidates)
             ]))
         else:  # nothing to generate: the prompts are still checked as the engine checks a seed

@@ -11,11 +11,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from app.auth import Authorized
-from app.deps import cancel_on_disconnect, model_for, version_headers
+from app.deps import cancel_on_disconnect, compiled, model_for, version_headers
 from app.errors import SHUT_DOWN, ApiError, refusal, shut_down_error
 from app.registry import Served
 from app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from app.sse import ServerSentEvent, sse_content, sse_response
+from charlm.constraint import ConstraintError
 from charlm.handles import Generation
 from charlm.request import (
     EngineClosedError,
@@ -37,6 +38,11 @@ async def submitted(body: GenerateRequest, request: Request) -> tuple[Generation
     metrics = request.app.state.metrics
     async with model_for(request, body.model) as served:
         try:
+            constraint = await compiled(body.constraint, served.checkpoint.vocab)
+        except ConstraintError as exc:
+            raise refusal(RequestError(f"constraint.{exc.field}" if exc.field != "constraint" else "constraint",
+                                       exc.message), metrics) from None
+        try:
             return served.engine.submit(
                 GenerationRequest(
                     seed=body.seed, length=body.length, random_seed=body.random_seed, stop=tuple(body.stop),
@@ -45,7 +51,7 @@ async def submitted(body: GenerateRequest, request: Request) -> tuple[Generation
                                             presence_penalty=body.presence_penalty,
                                             frequency_penalty=body.frequency_penalty,
                                             repetition_penalty=body.repetition_penalty),
-                    timeout=request.app.state.settings.request_timeout,
+                    timeout=request.app.state.settings.request_timeout, constraint=constraint,
                 )
             ), served
         except (InvalidParameter, QueueFullError, EngineClosedError) as exc:

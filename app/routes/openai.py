@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 
 from app.auth import Authorized
 from app.budget import Lease
-from app.deps import cancel_on_disconnect, logprob_lease, model_for, version_headers
+from app.deps import cancel_on_disconnect, compiled, logprob_lease, model_for, version_headers
 from app.errors import ApiError
 from app.openai_api.plan import Plan, PlanLimits, plan_of
 from app.openai_api.protocol import OPENAI_ERROR_RESPONSES, Completion, CompletionRequest, Model, ModelList
@@ -36,6 +36,7 @@ from app.openai_api.serving import (
 )
 from app.registry import ModelInfo, Served, UnknownModel
 from app.sse import ServerSentEvent, sse_content, sse_response
+from charlm.constraint import ConstraintError
 from charlm.request import EngineClosedError, GenerationFailed, ScoringStopped
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authorized],
@@ -93,8 +94,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state = request.app.state
     settings = state.settings
     async with model_for(request, body.model) as served:
+        try:
+            constraint = await compiled(body.structured_outputs, served.engine.vocab)
+        except ConstraintError as exc:
+            param = "structured_outputs" + ("" if exc.field == "constraint" else f".{exc.field}")
+            raise ApiError(400, f"Invalid value for '{param}': {exc.message}", param=param) from None
         plan = plan_of(body, served.id, served.engine.vocab,
-                       PlanLimits(settings.max_choices, settings.max_logprob_values))
+                       PlanLimits(settings.max_choices, settings.max_logprob_values), constraint)
         lease = logprob_lease(request, plan.logprob_values())
         try:
             work = submit(plan, served.engine, settings.request_timeout, state.metrics)

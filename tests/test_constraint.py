@@ -1,0 +1,131 @@
+"""Structured output: a regex, a choice or a JSON schema compiled over the model's characters, and
+generation that matches it exactly; what cannot be compiled, or matched, refused before any decoding."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from charlm.checkpoint import Checkpoint
+from charlm.constraint import Constraint, ConstraintError, compile_constraint
+from charlm.engine import Engine
+from charlm.model import CharLSTM, ModelConfig
+from charlm.request import EngineLimits, GenerationRequest
+from charlm.sampling import SamplingParams
+from charlm.vocab import Vocab
+from tests.server import running_server
+
+LIMITS = EngineLimits(max_batch=64, max_queue=256)
+ASCII = tuple(sorted({chr(c) for c in range(32, 127)} | {"\n"}))
+SENTENCE = r"[A-Z][a-z]+ (is|was) [a-z]+\."
+
+
+def test_each_kind_compiles_to_a_table_over_the_vocabulary() -> None:
+    regex = compile_constraint(Constraint.of("regex", r"[A-Z][a-z]+ [0-9]{4}"), ASCII)
+    ids = {c: i for i, c in enumerate(ASCII)}
+    assert regex.matches([ids[c] for c in "Paris 2024"]) and not regex.matches([ids[c] for c in "Paris 202"])
+    assert int(regex.allowed[0].sum()) == 26  # the first character: a capital
+    choice = compile_constraint(Constraint.of("choice", ["yes", "no", "a.b"]), ASCII)
+    assert [c for c in ASCII if choice.allowed[0, ids[c]]] == ["a", "n", "y"]
+    assert choice.matches([ids[c] for c in "a.b"]) and not choice.matches([ids[c] for c in "axb"])
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    as_json = compile_constraint(Constraint.of("json", schema), ASCII)
+    assert as_json.matches([ids[c] for c in '{"age":42}']) and not as_json.matches([ids[c] for c in '{"age":"x"}'])
+
+
+@pytest.mark.parametrize("kind, value, field, message", [
+    ("regex", "[é]+", "constraint", "no text made of the model's characters can match it"),
+    ("regex", "(", "regex", "does not compile"),
+    ("regex", "a(?=b)", "regex", "does not compile"),
+    ("regex", "(a|b)*a(a|b){20}", "regex", "simplify it"),  # an automaton of millions of states
+    ("regex", "((a{1,50}){1,50}){1,50}", "regex", "simplify it"),
+    ("regex", "a" * 5000, "regex", "at most 4096 characters"),
+    ("choice", ["yes", ""], "choice", "non-empty"),
+    ("choice", ["x"] * 100_000, "choice", "1 to 1024 strings"),
+    ("choice", [], "choice", "1 to 1024 strings"),
+    ("json", "not a schema", "json", "JSON schema"),
+])
+def test_what_cannot_be_used_is_refused_naming_the_field(kind: str, value: object, field: str, message: str) -> None:
+    with pytest.raises(ConstraintError) as info:
+        compile_constraint(Constraint.of(kind, value), ASCII)  # type: ignore[arg-type]
+    assert info.value.field == field and message in info.value.message, info.value
+
+
+def test_exponential_blowups_are_fine_where_the_automaton_is_small() -> None:
+    assert compile_constraint(Constraint.of("regex", "(a|aa)*b"), ASCII).states <= 4
+    recursive = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"}
+    assert compile_constraint(Constraint.of("json", recursive), ASCII).states > 0  # bounded by the library's depth
+
+
+def test_every_output_over_200_seeds_matches_and_says_how_it_ended(tiny: Checkpoint) -> None:
+    sentence = compile_constraint(Constraint.of("regex", SENTENCE), tiny.vocab.chars)
+    names = compile_constraint(Constraint.of("choice", ["Tom", "Sara", "the boat"]), tiny.vocab.chars)
+    with Engine(tiny.model, tiny.vocab, LIMITS) as engine:
+        for constraint, pattern in ((sentence, SENTENCE), (names, "Tom|Sara|the boat")):
+            gens = engine.submit_many([GenerationRequest("The ", length=200, random_seed=s, constraint=constraint,
+                                                         sampling=SamplingParams(scale_factor=0.7))
+                                       for s in range(200)])
+            results = [g.result(timeout=300) for g in gens]
+            assert all(r.finish_reason == "stop" for r in results)
+            assert all(re.fullmatch(pattern, r.generated) for r in results), [r.generated for r in results][:5]
+        cut = engine.generate(GenerationRequest("The ", length=2, random_seed=1, constraint=sentence), timeout=60)
+        alone = engine.generate(GenerationRequest("The ", length=200, random_seed=7, constraint=sentence), timeout=60)
+        crowd = engine.submit_many([GenerationRequest("The ", length=200, random_seed=7, constraint=sentence)]
+                                   + [GenerationRequest("A", length=100, random_seed=s) for s in range(6)])
+        assert crowd[0].result(timeout=60).generated == alone.generated  # batch-independent, as ever
+    assert cut.finish_reason == "length" and len(cut.generated) == 2  # a match cut short says so
+
+
+def test_a_greedy_constrained_row_and_a_masked_top_character(tiny: Checkpoint) -> None:
+    letters = compile_constraint(Constraint.of("regex", "[a-z]{5}"), tiny.vocab.chars)
+    with Engine(tiny.model, tiny.vocab, LIMITS) as engine:
+        result = engine.generate(GenerationRequest("The boat", length=50, constraint=letters,
+                                                   sampling=SamplingParams(greedy=True, top_k=1)), timeout=60)
+    # after "The boat" the model's top character is a space or punctuation: masked first, then top_k 1
+    assert re.fullmatch("[a-z]{5}", result.generated) and result.finish_reason == "stop"
+
+
+def test_the_routes_take_structured_outputs(tiny_checkpoint_path: Path, tiny: Checkpoint) -> None:
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint_path, device="cpu"))) as c:
+        body = {"seed": "The ", "length": 100, "random_seed": 3, "constraint": {"regex": SENTENCE}}
+        r = c.post("/generate", json=body)
+        assert r.status_code == 200 and re.fullmatch(SENTENCE, r.json()["generated"]), r.text
+        for constraint, field in (({"regex": "("}, "constraint.regex"), ({"regex": "[é]+"}, "constraint"),
+                                  ({"regex": "a", "choice": ["b"]}, "constraint"),
+                                  ({"choice": ["a", ""]}, "constraint.choice")):
+            r = c.post("/generate", json={**body, "constraint": constraint})
+            assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == field, r.text
+    with running_server(tiny_checkpoint_path) as server:
+        import openai
+
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt="The ", max_tokens=100, seed=5, n=4,
+                                        extra_body={"structured_outputs": {"choice": ["Tom", "Sara"]}})
+        assert {c.text for c in out.choices} <= {"Tom", "Sara"} and {c.finish_reason for c in out.choices} == {"stop"}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=model, prompt="The ", max_tokens=10,
+                                      extra_body={"structured_outputs": {"regex": "(a|b)*a(a|b){20}"}})
+        assert "structured_outputs.regex" in str(info.value)
+
+
+def test_a_vocabulary_without_json_characters_cannot_take_a_schema(tiny: Checkpoint) -> None:
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
+    with pytest.raises(ConstraintError, match="no text made of the model's characters"):
+        compile_constraint(Constraint.of("json", schema), tiny.vocab.chars)
+    model = CharLSTM(ModelConfig(vocab_size=len(ASCII), embed=8, hidden=16, layers=1))  # untrained: any text
+    vocab = Vocab(ASCII)
+    constraint = compile_constraint(Constraint.of("json", schema), ASCII)
+    with Engine(model, vocab, LIMITS) as engine:
+        results = [engine.generate(GenerationRequest("{", length=300, random_seed=s, constraint=constraint))
+                   for s in range(20)]
+    ended = [r.generated for r in results if r.finish_reason == "stop"]
+    assert ended and all(isinstance(json.loads(text), dict) for text in ended)
+    for result in results:  # cut by length or not, what there is is a prefix of a match
+        assert constraint.matches([ASCII.index(c) for c in result.generated]) == (result.finish_reason == "stop")
