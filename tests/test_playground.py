@@ -392,6 +392,69 @@ def test_an_out_of_range_steering_value_shows_the_servers_refusal(server: Server
     assert "logit_bias: unknown characters “€” (U+20AC)" in message, message
 
 
+def test_a_choice_constraint_makes_the_text_one_of_the_choices(server: Server, browser: WebDriver) -> None:
+    open_page(browser, server)
+    assert not by_id(browser, "constraint-kind").get_attribute("value")  # none: nothing to type yet
+    assert not by_id(browser, "constraint-text").is_enabled()
+    for control in ("constraint-kind", "constraint-text"):
+        help_id = by_id(browser, control).get_attribute("aria-describedby")
+        assert help_id and text_of(browser, help_id).split() == (
+            "The generated text will match this exactly: each step allows only characters that can still "
+            "complete a match.").split(), control
+
+    # A schema that is not JSON is named on the page, and nothing is sent.
+    pick(browser, "constraint-kind", "json")
+    fill(browser, "constraint-text", '{"type": ')
+    browser.get_log("performance")  # drop what earlier requests left
+    by_id(browser, "generate").click()
+    assert "not valid JSON" in wait_for(lambda: text_of(browser, "generate-error"), "the JSON error")
+    assert posted_bodies(browser, f"{server.url}/generate/stream") == []
+
+    # One choice per line, empty lines skipped. (The tiny model has no "m": only Sara can be written.)
+    pick(browser, "constraint-kind", "choice")
+    fill(browser, "constraint-text", "Tom\n\nSara\n")
+    seed = "The "
+    generate_on_page(browser, seed, 30, **{"random-seed": "5"})
+    assert wait_state(browser, "done", "error", "stopped") == "done: stop", text_of(browser, "generate-error")
+    assert not text_of(browser, "generate-error")
+    shown = text_of(browser, "output")
+    assert shown.startswith(seed) and shown.removeprefix(seed) in ("Tom", "Sara"), shown
+    assert by_id(browser, "gen-note").get_attribute("hidden") is not None  # a complete match: no note
+    [sent] = posted_bodies(browser, f"{server.url}/generate/stream")
+    assert sent["constraint"] == {"choice": ["Tom", "Sara"]} and sent["random_seed"] == 5
+
+    # Cut short by the length, the page says the match is incomplete.
+    generate_on_page(browser, seed, 2)
+    assert wait_state(browser, "done", "error", "stopped") == "done: length", text_of(browser, "generate-error")
+    assert "cut short by the length" in text_of(browser, "gen-note")
+    assert by_id(browser, "gen-note").get_attribute("hidden") is None
+
+    # Back to none: no constraint is sent, whatever the box holds.
+    pick(browser, "constraint-kind", "")
+    browser.get_log("performance")
+    generate_on_page(browser, seed, 5)
+    assert wait_state(browser, "done", "error", "stopped") == "done: length"
+    assert by_id(browser, "gen-note").get_attribute("hidden") is not None
+    [sent] = posted_bodies(browser, f"{server.url}/generate/stream")
+    assert "constraint" not in sent
+
+
+def test_a_regex_that_does_not_compile_shows_the_servers_refusal(server: Server, browser: WebDriver) -> None:
+    open_page(browser, server)
+    pick(browser, "constraint-kind", "regex")
+    fill(browser, "constraint-text", "(")
+    generate_on_page(browser, "The ", 20)
+    assert wait_state(browser, "done", "error", "stopped") == "error"
+    message = text_of(browser, "generate-error")
+    refused = httpx.post(f"{server.url}/generate", json={"seed": "The ", "length": 20, "constraint": {"regex": "("}},
+                         timeout=30)
+    assert refused.status_code == 422
+    [detail] = refused.json()["error"]["details"]
+    assert detail["field"] == "constraint.regex"
+    assert message == f"The server refused the request:\nconstraint.regex: {detail['message']}", message
+    assert text_of(browser, "output") == ""  # refused: nothing was generated
+
+
 def test_score_colours_each_character_and_shows_the_bpc(server: Server, browser: WebDriver, tmp_path: Path) -> None:
     text = "The engineer and the sailor walked along the shore.\nThe boy gathered wood!"
     open_page(browser, server)

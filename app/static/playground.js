@@ -170,7 +170,39 @@ function generateBody() {
     const value = numberOrNull(id);
     if (value !== null && value !== off) body[field] = value;
   }
+  const matched = constraint();
+  if (matched) body.constraint = matched;
   return body;
+}
+
+// What the pattern box asks for, by kind of constraint.
+const CONSTRAINT_PLACEHOLDERS = {
+  "": "choose what to match first",
+  regex: "(Tom|Sara) went (north|south)\\.",
+  choice: "one choice per line",
+  json: '{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}',
+};
+
+function constraintKindChanged() {
+  const kind = $("constraint-kind").value;
+  $("constraint-text").disabled = !kind;
+  $("constraint-text").placeholder = CONSTRAINT_PLACEHOLDERS[kind];
+}
+
+// `constraint` for the request: null when no kind is chosen or the box is empty. A regex goes as
+// typed; choices one a line (empty lines skipped); a schema is parsed here, so a typo is named before
+// anything is sent.
+function constraint() {
+  const kind = $("constraint-kind").value;
+  const text = $("constraint-text").value;
+  if (!kind || text.trim() === "") return null;
+  if (kind === "regex") return { regex: text };
+  if (kind === "choice") return { choice: text.split(/\r?\n/).filter((line) => line !== "") };
+  try {
+    return { json: JSON.parse(text) };
+  } catch (err) {
+    throw new UserError(`The JSON schema is not valid JSON: ${err.message}`);
+  }
 }
 
 // The steering settings sent only when they change something: [field, input, its "off" value].
@@ -213,11 +245,18 @@ function setRunning(on) {
 async function generate(event) {
   event.preventDefault();
   if (running) return;
-  const body = generateBody();
+  let body;
+  try {
+    body = generateBody();
+  } catch (err) {
+    showError("generate-error", messageOf(err)); // a schema that is not JSON: nothing is sent
+    return;
+  }
   const controller = new AbortController();
   running = controller;
   setRunning(true);
   showError("generate-error", "");
+  $("gen-note").hidden = true;
   // The seed is shown dimmed; the generated text grows in one text node (appendData is cheap).
   const seedNode = document.createElement("span");
   seedNode.className = "seed-text";
@@ -257,6 +296,10 @@ async function generate(event) {
         setStat("seed", String(data.random_seed));
         setStat("model", madeBy(data));
         setStat("state", `done: ${data.finish_reason}`);
+        if (body.constraint && data.finish_reason === "length") {
+          $("gen-note").textContent = "The match was cut short by the length: the text does not complete it.";
+          $("gen-note").hidden = false;
+        }
       } else if (kind === "error") {
         throw new UserError(`Generation failed: ${data.error.message}`);
       }
@@ -316,7 +359,13 @@ function curlCommand() {
 }
 
 async function copyCurl() {
-  const command = curlCommand();
+  let command;
+  try {
+    command = curlCommand();
+  } catch (err) {
+    showError("generate-error", messageOf(err)); // a schema that is not JSON
+    return;
+  }
   const shown = $("curl-command");
   shown.textContent = command;
   shown.hidden = false;
@@ -676,10 +725,12 @@ $("scale-factor").addEventListener("input", scaleChanged);
 $("temperature").addEventListener("input", temperatureChanged);
 $("score-form").addEventListener("submit", score);
 $("model").addEventListener("change", modelPicked);
-for (const box of ["seed", "score-text"]) $(box).addEventListener("keydown", submitOnCtrlEnter);
+$("constraint-kind").addEventListener("change", constraintKindChanged);
+for (const box of ["seed", "score-text", "constraint-text"]) $(box).addEventListener("keydown", submitOnCtrlEnter);
 for (const tab of tabs()) {
   tab.addEventListener("click", () => selectTab(tab));
   tab.addEventListener("keydown", tabKeys);
 }
 scaleChanged();
+constraintKindChanged(); // a reload may keep the kind chosen
 loadPage();
