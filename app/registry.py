@@ -18,7 +18,6 @@ done. A file that does not load leaves the old model serving.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from app.metrics import Metrics
 from charlm.checkpoint import Checkpoint, CheckpointError, CheckpointHeader, load_checkpoint, read_header
 from charlm.device import resolve_device
 from charlm.engine import Engine, EngineHooks
+from charlm.files import file_sha256
 from charlm.inputs import one_line
 from charlm.native import WeightFormat
 from charlm.prefix_cache import PrefixCache
@@ -355,7 +355,7 @@ class ModelRegistry:
         """Read, check, hash and warm up one model (on a thread)."""
         started = time.perf_counter()
         key = self._check_size(path)
-        digest = _sha256(path)
+        digest = file_sha256(path)
         checkpoint = load_checkpoint(path, "cpu")
         if _file_key(path) != key:  # replaced while being read: what was hashed may not be what loaded
             raise CheckpointError(f"{path} changed while it was being loaded; try again once it is written")
@@ -517,14 +517,6 @@ def _file_key(path: Path) -> FileKey | None:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _created(header: CheckpointHeader | None, path: Path) -> int:

@@ -37,3 +37,12 @@ def matmul_gflops() -> float:
     for _ in range(n):
         a @ b
     return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def cpu_info(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ("model name", "flags"); empty where Linux does not say."""
+    path = Path("/proc/cpuinfo")
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        if line.split(":", 1)[0].strip() == field:
+            return line.split(":", 1)[1].strip()
+    return ""

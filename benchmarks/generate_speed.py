@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import MODEL, matmul_gflops, median
+from benchmarks.common import MODEL, cpu_info, matmul_gflops, median
 from benchmarks.seed_recipe import NotebookRNN, sample
 from charlm import native
 from charlm.checkpoint import Checkpoint, load_checkpoint
@@ -241,15 +241,6 @@ def last_level_cache_bytes() -> int:
         elif text.endswith("M"):
             sizes.append(int(text[:-1]) * 1024 * 1024)
     return max(sizes, default=64 << 20)
-
-
-def cpu_info(field: str) -> str:
-    """The first CPU's `field` in /proc/cpuinfo ("model name", "flags"); empty where Linux does not say."""
-    path = Path("/proc/cpuinfo")
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        if line.split(":", 1)[0].strip() == field:
-            return line.split(":", 1)[1].strip()
-    return ""
 
 
 def of_limit(figure: float, limit: float) -> str:

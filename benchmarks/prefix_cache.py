@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import MODEL, corpus_text, median
+from benchmarks.common import MODEL, corpus_text, cpu_info, median
 from charlm.checkpoint import load_checkpoint
 from charlm.engine import PREFILL_CHUNK, Engine, chunk_end
+from charlm.files import file_sha256
 from charlm.prefix_cache import PrefixCache, prefix_digests
 from charlm.request import EngineLimits, GenerationRequest, GenerationResult
 
@@ -42,22 +41,6 @@ CACHE_MB = 64  # CHARLM_PREFIX_CACHE_MB's default (app/settings.py)
 # The second send is SEED_CHARS + MORE_CHARS long: over the default limit of 10,000 seed characters
 # (EngineLimits, CHARLM_MAX_SEED_CHARS), so these engines allow it.
 LIMITS = EngineLimits(max_seed_chars=SEED_CHARS + MORE_CHARS)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def file_sha256(path: str) -> str:
-    """The checkpoint's digest: the version the registry gives the engine's cache entries."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -159,7 +142,8 @@ def main() -> None:
     cached, cache = make_engine(ckpt, version, args.cache_mb, warm_up)
     uncached, _ = make_engine(ckpt, version, 0, warm_up)
     print(f"model {cfg.layers}x{cfg.hidden} (embed {cfg.embed}), {ckpt.model.num_parameters():,} parameters; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU {cpu_name()}; native kernels "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU {cpu_info('model name') or 'unknown'}; "
+          f"native kernels "
           f"{'on' if cached.native else 'OFF'}; prefix cache {args.cache_mb:g} MiB")
     gc.freeze()  # as the service does once it is ready: no 100 ms full collections mid-run
 

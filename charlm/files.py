@@ -8,13 +8,14 @@ the result is readable by whoever the umask allows, killed writers leave no litt
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "current_umask"]
+__all__ = ["atomic_write", "current_umask", "file_sha256"]
 
 
 def current_umask() -> int:
@@ -104,3 +105,12 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file, read a MiB at a time (a model's version is its digest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

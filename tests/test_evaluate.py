@@ -81,14 +81,8 @@ def shelf_config(tmp_path: Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**base.__dict__, "corpus": tuple(paths), **overrides})
 
 
-def eval_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in cfg.metrics_path.read_text().splitlines()]
-    return [r for r in rows if "val_bpc" in r]
-
-
-def test_training_evaluates_the_selected_corpus_every_time_and_all_every_nth_and_at_the_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of tails of each evaluate_many call training makes, from now on."""
     calls: list[int] = []
     real = charlm.train.evaluate_many
 
@@ -97,6 +91,18 @@ def test_training_evaluates_the_selected_corpus_every_time_and_all_every_nth_and
         return real(model, tails)
 
     monkeypatch.setattr(charlm.train, "evaluate_many", counting)
+    return calls
+
+
+def eval_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in cfg.metrics_path.read_text().splitlines()]
+    return [r for r in rows if "val_bpc" in r]
+
+
+def test_training_evaluates_the_selected_corpus_every_time_and_all_every_nth_and_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_batches(monkeypatch)
     cfg = shelf_config(tmp_path)
     result = train(cfg)
     names = ["a.txt", "b.txt", "c.txt"]
@@ -134,19 +140,12 @@ def test_eval_all_every_1_evaluates_every_corpus_each_time(tmp_path: Path) -> No
 def test_a_run_stopped_after_a_selected_only_evaluation_ends_on_every_corpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[int] = []
-    real = charlm.train.evaluate_many
-
-    def counting(model: CharLSTM, tails: list[torch.Tensor]) -> list[dict[str, float]]:
-        calls.append(len(tails))
-        return real(model, tails)
-
+    calls = count_batches(monkeypatch)
     def stop_at_4(row: dict[str, Any]) -> None:
         if "val_bpc" in row and row["step"] == 4 and not getattr(stop_at_4, "fired", False):
             stop_at_4.fired = True  # type: ignore[attr-defined]
             raise KeyboardInterrupt  # as Ctrl-C during the evaluation's last moments would
 
-    monkeypatch.setattr(charlm.train, "evaluate_many", counting)
     cfg = shelf_config(tmp_path)
     result = train(cfg, stop_at_4)
     assert result.interrupted and result.step == 4

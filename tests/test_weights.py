@@ -15,7 +15,6 @@ from app.main import create_app
 from app.settings import Settings
 from charlm import native
 from charlm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from charlm.cli import main
 from charlm.engine import Engine
 from charlm.evaluate import evaluate, evaluate_decoded
 from charlm.model import CharLSTM
@@ -23,6 +22,7 @@ from charlm.prefix_cache import PrefixCache
 from charlm.request import EngineLimits, GenerationRequest
 from charlm.sampling import SamplingParams
 from tests.conftest import make_corpus
+from tests.test_cli import run
 
 LIMITS = EngineLimits(max_batch=8)
 SEEDS = ["The engineer ", "Neb and the sailor", "T"]
@@ -89,15 +89,6 @@ def huge(tiny: Checkpoint, path: Path) -> Path:
         model.state_dict()["lstm.weight_hh_l0"][7, 3] = 1e30  # the parameter's storage
     save_checkpoint(path, model, tiny.vocab, tiny.train)
     return path
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_int8_refuses_a_checkpoint_with_huge_weights(tiny: Checkpoint, tmp_path: Path,
