@@ -53,7 +53,7 @@ from charlm.request import (
 )
 from charlm.sampling import RowSampler, SamplingParams, new_random_seed, sample_batch
 from charlm.scheduler import Scheduler
-from charlm.steering import Steering
+from charlm.steering import Steering, constrain
 from charlm.stopping import StopStrings
 from charlm.vocab import Vocab
 
@@ -586,7 +586,9 @@ class Engine:
             for i in steered:
                 rows[i].steering.apply(logits[i])  # type: ignore[union-attr]
             for i in constrained:
-                self._mask(rows[i], logits[i])
+                row = rows[i]
+                row.matched_end = constrain(row.constraint, row.state, logits[i], row.scale,  # type: ignore[arg-type]
+                                            row.sampler.params.greedy, row.sampler.uniform)
         ids = sample_batch(logits, scale, top_k, top_p, uniforms, self._decoder.kernels, self._sampled,
                            [r.min_p for r in rows])
         for i in steered:
@@ -596,25 +598,6 @@ class Engine:
             if not row.matched_end:
                 row.state = int(row.constraint.next[row.state, int(ids[i])])  # type: ignore[union-attr]
         return ids
-
-    def _mask(self, row: Row, z: torch.Tensor) -> None:
-        """Keep only the characters that continue the row's constraint (in place, after steering). At a
-        complete match that can grow, first decide whether the text ends: with the probability the
-        model gives to the characters that would leave the language (greedy: when its top one would)."""
-        constraint, state = row.constraint, row.state
-        assert constraint is not None
-        allowed = torch.from_numpy(constraint.allowed[state])
-        if constraint.accepting[state]:
-            if not constraint.grows[state]:
-                row.matched_end = True
-            elif row.sampler.params.greedy:
-                row.matched_end = not bool(allowed[int(z.argmax())])
-            else:
-                probs = torch.softmax(z.double() * row.scale, dim=0)
-                row.matched_end = row.sampler.uniform() < float(probs[~allowed].sum())
-            if row.matched_end:
-                return  # what is sampled now is not used
-        z.masked_fill_(~allowed, float("-inf"))
 
     def _attach_logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: list[int]) -> None:
         """Give each row that asked for log-probabilities the entry of the character it just sampled.

@@ -1,21 +1,25 @@
-"""A request's logit bias and penalties: the logits of its row changed before sampling.
+"""A request's logit bias, penalties and constraint: the logits of its row changed before sampling.
 
 Applied in this order, each to the row's logits as the model gave them: `logit_bias` (added), then
 vLLM's `repetition_penalty` (over the seed's and the generated characters: a positive logit divided
-by it, a negative one multiplied), then OpenAI's presence and frequency penalties (over the generated
-characters: logit -= frequency x count + presence x (count > 0)). The samplers then scale, filter
-(top_k, top_p, min_p) and draw (charlm/sampling.py). Each row's arithmetic is its own, elementwise in
-float32, so a request's text stays independent of the batch. Characters are tokens here, so a
-frequency penalty counts letters: it pushes down `e` and the space first.
+by it, a negative one multiplied), then OpenAI's presence and frequency penalties (over the
+generated characters: logit -= frequency x count + presence x (count > 0)), then the constraint's
+mask (charlm/constraint.py: only characters that can still lead to a complete match). The samplers
+then scale, filter (top_k, top_p, min_p) and draw (charlm/sampling.py). Each row's arithmetic is its
+own, elementwise in float32, so a request's text stays independent of the batch. Characters are
+tokens here, so a frequency penalty counts letters: it pushes down `e` and the space first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from charlm.constraint import CompiledConstraint
 from charlm.sampling import SamplingParams
 
-__all__ = ["Steering"]
+__all__ = ["Steering", "constrain"]
 
 
 class Steering:
@@ -51,3 +55,24 @@ class Steering:
             self.counts[token] += 1
         if self.seen is not None:
             self.seen[token] = True
+
+
+def constrain(constraint: CompiledConstraint, state: int, z: torch.Tensor, scale: float, greedy: bool,
+              draw: Callable[[], float]) -> bool:
+    """Keep only the characters of `z` (one row's logits, changed in place) that continue `constraint`
+    from `state`; return True when the text ends here instead. At a complete match that can grow it
+    ends with the probability the model gives to the characters that would leave the language (a
+    uniform from `draw`, the request's own stream; greedy: when its top character would leave)."""
+    allowed = torch.from_numpy(constraint.allowed[state])
+    if constraint.accepting[state]:
+        if not constraint.grows[state]:
+            return True
+        if greedy:
+            ends = not bool(allowed[int(z.argmax())])
+        else:
+            probs = torch.softmax(z.double() * scale, dim=0)
+            ends = draw() < float(probs[~allowed].sum())
+        if ends:
+            return True  # what is sampled now is not used
+    z.masked_fill_(~allowed, float("-inf"))
+    return False
