@@ -201,6 +201,7 @@ def _refuse(field: str, message: str) -> int:
 
 _cache: OrderedDict[tuple[Constraint, tuple[str, ...]], CompiledConstraint] = OrderedDict()
 _lock = threading.Lock()
+_compiling = threading.Lock()
 
 
 def compile_constraint(constraint: Constraint, chars: tuple[str, ...]) -> CompiledConstraint:
@@ -208,10 +209,16 @@ def compile_constraint(constraint: Constraint, chars: tuple[str, ...]) -> Compil
     wrong, within COMPILE_SECONDS and COMPILE_MEMORY whatever the pattern (a child process does the
     work: outlines-core cannot be stopped from inside). Blocks: call it off the event loop."""
     key = (constraint, chars)
-    with _lock:
-        if (hit := _cache.get(key)) is not None:
-            _cache.move_to_end(key)
-            return hit
+    with _compiling:  # one child at a time: concurrent requests cannot multiply its memory bound
+        with _lock:
+            if (hit := _cache.get(key)) is not None:
+                _cache.move_to_end(key)
+                return hit
+        return _compile_in_child(constraint, chars, key)
+
+
+def _compile_in_child(constraint: Constraint, chars: tuple[str, ...],
+                      key: tuple[Constraint, tuple[str, ...]]) -> CompiledConstraint:
     asked = json.dumps({"kind": constraint.kind, "spec": constraint.spec, "chars": list(chars)}).encode()
     try:
         done = subprocess.run([sys.executable, "-m", "charlm.constraint"], input=asked, capture_output=True,

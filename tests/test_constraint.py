@@ -129,3 +129,34 @@ def test_a_vocabulary_without_json_characters_cannot_take_a_schema(tiny: Checkpo
     assert ended and all(isinstance(json.loads(text), dict) for text in ended)
     for result in results:  # cut by length or not, what there is is a prefix of a match
         assert constraint.matches([ASCII.index(c) for c in result.generated]) == (result.finish_reason == "stop")
+
+
+def test_compiles_run_one_child_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each child may use up to COMPILE_MEMORY: requests compiling at once must not multiply it."""
+    import subprocess
+    import threading
+
+    from charlm import constraint as module
+
+    running, most, lock = 0, 0, threading.Lock()
+    real = subprocess.run
+
+    def counted(*args: object, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return real(*args, **kwargs)  # type: ignore[call-overload]
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(module.subprocess, "run", counted)
+    threads = [threading.Thread(target=compile_constraint, args=(Constraint.of("regex", f"[a-c]{{{n}}}x"), ASCII))
+               for n in range(2, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
