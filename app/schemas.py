@@ -25,9 +25,13 @@ class StructuredOutputs(BaseModel):
                                      "picked with the model's probability of each")
     json_schema: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema the text must "
                                                      "follow (the model's vocabulary must hold JSON's characters)")
+    grammar: str | None = Field(None, description="vLLM's context-free grammar: not supported (refused, naming it)")
 
     def constraint(self) -> Constraint:
         """The one constraint given, checked for size; ConstraintError names the field."""
+        if self.grammar is not None:
+            raise ConstraintError("grammar", "is not supported: charlm's structured-output library (outlines-core) "
+                                  "has no context-free grammars; use regex, choice or json")
         given = {k: v for k, v in (("regex", self.regex), ("choice", self.choice), ("json", self.json_schema))
                  if v is not None}
         if len(given) != 1:

@@ -12,6 +12,11 @@ outlines-core has no bound on the time or memory of a compile (`(a|b)*a(a|b){20}
 states), so compiling runs in a child process (`python -m charlm.constraint`) with a timeout, an
 address-space limit and a cap on states. Results are cached per (constraint, vocabulary).
 
+A `choice` needs no library and no child: its automaton is the trie of the choices, built here. It
+is not sampled character by character (masking renormalises at each step, which would weigh "R"
+against "P" rather than "Rome" against "Paris" + "Parma"): charlm/choice.py draws one whole string
+with the model's probability of each, and the row is then held to that one (`only`).
+
 The engine (charlm/engine.py) masks a constrained row's logits with `allowed[state]` before sampling.
 Ending: at a complete match that cannot grow, the generation stops. At a complete match that can
 grow, it stops with the probability the model gives to the characters that would leave the language
@@ -38,6 +43,7 @@ Kind = Literal["regex", "choice", "json"]
 
 MAX_PATTERN_CHARS = 4096  # a regex, the choices together, or a JSON schema, as sent
 MAX_CHOICES = 1024
+MAX_CHOICE_CHARS = 512  # one choice: all are scored before the first character, as one prefill chunk costs
 MAX_STATES = 20_000  # the table: states x vocabulary int32s (7.7 MB for 96 characters)
 COMPILE_SECONDS = 3.0
 COMPILE_MEMORY = 512 << 20  # the child's address space: within a replica's memory beside the server
@@ -71,6 +77,8 @@ class Constraint:
                 raise ConstraintError("choice", f"must be a list of 1 to {MAX_CHOICES} strings")
             if not all(isinstance(c, str) and c for c in value):
                 raise ConstraintError("choice", "every choice must be a non-empty string")
+            if (longest := max(map(len, value))) > MAX_CHOICE_CHARS:
+                raise ConstraintError("choice", f"each choice at most {MAX_CHOICE_CHARS} characters, got {longest}")
             spec = json.dumps(value, ensure_ascii=False)
         else:
             if not isinstance(value, dict):
@@ -81,26 +89,24 @@ class Constraint:
         return cls(kind, spec)
 
     def regex(self) -> str:
+        """The pattern outlines-core compiles (a regex, or a schema turned into one; not a choice)."""
         if self.kind == "regex":
             return self.spec
-        if self.kind == "choice":
-            return "(" + "|".join(_literal(c) for c in json.loads(self.spec)) + ")"
         from outlines_core import json_schema
 
         return str(json_schema.build_regex_from_schema(self.spec))
 
 
-def _literal(text: str) -> str:
-    """`text` as a regex matching only itself, whatever it holds."""
-    return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):x}}}" for c in text)
-
-
 class CompiledConstraint:
     """The automaton as tables over the vocabulary: `next[s, c]` (-1: not allowed), `allowed[s]`,
-    `accepting[s]` (a complete match), `grows[s]` (some character may follow). State 0 is the start."""
+    `accepting[s]` (a complete match), `grows[s]` (some character may follow). State 0 is the start.
+    Every state is reachable and can reach a complete match. For a `choice`, `choices` holds each one
+    the vocabulary can spell, as ids: the engine draws one (charlm/choice.py) and keeps to `only(k)`."""
 
-    def __init__(self, constraint: Constraint, chars: tuple[str, ...], table: np.ndarray, accepting: np.ndarray):
+    def __init__(self, constraint: Constraint, chars: tuple[str, ...], table: np.ndarray, accepting: np.ndarray,
+                 choices: tuple[tuple[int, ...], ...] | None = None):
         self.constraint, self.chars = constraint, chars  # the vocabulary it was compiled for
+        self.choices = choices
         self.next: np.ndarray = table
         self.allowed: np.ndarray = table >= 0
         self.accepting: np.ndarray = accepting
@@ -118,6 +124,51 @@ class CompiledConstraint:
             if state < 0:
                 return False
         return bool(self.accepting[state])
+
+    def can_spell(self, ids: list[int]) -> bool:
+        """Whether these ids can appear somewhere in a text that matches: from some state they all go
+        through (every state is reachable, so that is enough). A stop string that cannot is refused."""
+        states = np.arange(self.states)
+        for i in ids:
+            states = self.next[states, i]
+            states = states[states >= 0]
+            if not states.size:
+                return False
+        return True
+
+    def only(self, k: int) -> CompiledConstraint:
+        """The constraint to the k-th of `choices` alone: the row's text once that one is drawn."""
+        assert self.choices is not None, "only a choice constraint has choices"
+        ids = self.choices[k]
+        text = "".join(self.chars[i] for i in ids)
+        return CompiledConstraint(Constraint("choice", json.dumps([text], ensure_ascii=False)), self.chars,
+                                  *_trie([ids], len(self.chars)), choices=(ids,))
+
+
+def _trie(strings: list[tuple[int, ...]], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The automaton of a finite set of id strings: a trie, state 0 its root."""
+    table, accepting = [np.full(size, -1, np.int32)], [False]
+    for ids in strings:
+        state = 0
+        for i in ids:
+            if table[state][i] < 0:
+                table[state][i] = len(table)
+                table.append(np.full(size, -1, np.int32))
+                accepting.append(False)
+            state = int(table[state][i])
+        accepting[state] = True
+    return np.stack(table), np.array(accepting)
+
+
+def _compile_choices(constraint: Constraint, chars: tuple[str, ...]) -> CompiledConstraint:
+    """A choice's trie over the choices the vocabulary can spell (the others can never be picked);
+    each choice once, in the order given."""
+    ids = {c: i for i, c in enumerate(chars)}
+    spelled = {tuple(ids[c] for c in text): None for text in json.loads(constraint.spec) if all(c in ids for c in text)}
+    if not spelled:
+        raise ConstraintError("constraint", "no text made of the model's characters can match it")
+    strings = list(spelled)
+    return CompiledConstraint(constraint, chars, *_trie(strings, len(chars)), choices=tuple(strings))
 
 
 def _build(regex: str, chars: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -208,6 +259,8 @@ def compile_constraint(constraint: Constraint, chars: tuple[str, ...]) -> Compil
     """The constraint's tables over the vocabulary `chars` (cached); ConstraintError names what is
     wrong, within COMPILE_SECONDS and COMPILE_MEMORY whatever the pattern (a child process does the
     work: outlines-core cannot be stopped from inside). Blocks: call it off the event loop."""
+    if constraint.kind == "choice":  # bounded by Constraint.of's sizes: no child needed
+        return _compile_choices(constraint, chars)
     key = (constraint, chars)
     with _compiling:  # one child at a time: concurrent requests cannot multiply its memory bound
         with _lock:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from charlm import native
+from charlm.choice import choice_logprobs, draw_choice
 from charlm.decoder import Decoder
 from charlm.handles import Generation, Handle, Scoring, running_loop
 from charlm.jobs import ChunkedJob, Job, Prefill, Row, ScoreJob
@@ -450,11 +451,7 @@ class Engine:
             which = [j for j, s in enumerate(seeds) for _ in by_seed[s]]
             for job in ordered:
                 job.seconds = time.perf_counter() - began
-            self._start_rows(
-                ordered,
-                logits[which],
-                lambda i, slot: self._decoder.load_row(slot, h[:, which[i]], c[:, which[i]]),
-            )
+            self._start_rows(ordered, logits[which], lambda i: (h[:, which[i]], c[:, which[i]]))
         except Exception as exc:  # before any of them got a row: these requests fail, nothing else
             self._fail([job.gen for job in jobs], f"prefill failed: {exc}")
 
@@ -489,7 +486,7 @@ class Engine:
         jobs = [job, *job.followers]
         for follower in job.followers:
             follower.seconds = job.seconds
-        self._start_rows(jobs, last.expand(len(jobs), -1), lambda _, slot: self._decoder.load_row(slot, h, c))
+        self._start_rows(jobs, last.expand(len(jobs), -1), lambda _: (h, c))
 
     def _score_chunk(self, job: ScoreJob) -> int:
         """Run the next chunk of a text through nn.LSTM and score the characters it predicts; at the
@@ -520,10 +517,11 @@ class Engine:
         scoring._finish(ScoreResult.from_per_char(scoring.request.text, job.per_char, queue_s, job.seconds))
         return n
 
-    def _start_rows(self, jobs: list[Prefill], logits: torch.Tensor, place: Callable[[int, int], None]) -> None:
+    def _start_rows(self, jobs: list[Prefill], logits: torch.Tensor,
+                    state_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Sample each prefilled job's first character; give the unfinished ones a decode row.
 
-        `place(i, slot)` puts job i's LSTM state into decoder row `slot`.
+        `state_of(i)` is job i's LSTM state after its seed (h, c: layers x hidden each).
         """
         rows = []
         for job in jobs:
@@ -536,6 +534,7 @@ class Engine:
                              min_p=0.0 if params.greedy else params.min_p, constraint=req.constraint,
                              steering=Steering(params, self._vocab_size, job.ids[0].cpu()) if params.steers else None))
         sampling = time.perf_counter()
+        self._draw_choices(rows, logits, state_of)
         tokens = self._sample(rows, logits).tolist()
         self._attach_logprobs(rows, logits, tokens)
         for i, (job, row, token) in enumerate(zip(jobs, rows, tokens)):
@@ -549,10 +548,27 @@ class Engine:
                 self._fail([row.gen], f"generation failed: {exc}")
                 continue
             slot = len(self._rows)
-            place(i, slot)
+            self._decoder.load_row(slot, *state_of(i))
             self._decoder.tokens[slot] = token
             self._rows.append(row)
             self._asking += row.logprobs is not None
+
+    def _draw_choices(self, rows: list[Row], logits: torch.Tensor,
+                      state_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold each row with a `choice` to one of them, drawn whole (charlm/choice.py) with a uniform
+        of its own stream. Rows of one seed with the same settings share the scoring (n samples)."""
+        scored: dict[tuple[Any, ...], torch.Tensor] = {}
+        for i, row in enumerate(rows):
+            constraint = row.constraint
+            if constraint is None or constraint.choices is None:
+                continue
+            params = row.sampler.params
+            key = (row.gen.request.seed, id(constraint), params.logit_bias, row.scale)
+            if key not in scored:
+                bias = row.steering.bias if row.steering is not None else None
+                scored[key] = choice_logprobs(self.model, state_of(i), logits[i], constraint.choices, bias, row.scale)
+            most_likely = params.greedy or row.top_k == 1
+            row.constraint = constraint.only(draw_choice(scored[key], most_likely, row.sampler.uniform()))
 
     def _fail(self, handles: Sequence[Handle[Any]], message: str) -> None:
         for handle in handles:

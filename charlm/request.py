@@ -245,8 +245,21 @@ def validate(request: GenerationRequest, vocab: Vocab, limits: EngineLimits) -> 
         raise RequestError("timeout", f"must be > 0 seconds, got {request.timeout}")
     _validate_logprobs("logprobs", request.logprobs)
     _validate_bias(request.sampling.logit_bias, len(vocab))
-    if request.constraint is not None and request.constraint.chars != vocab.chars:
+    if request.constraint is not None:
+        _validate_constraint(request, vocab)
+
+
+def _validate_constraint(request: GenerationRequest, vocab: Vocab) -> None:
+    """A constraint compiled for this vocabulary, and no stop string that its text can never hold."""
+    constraint = request.constraint
+    assert constraint is not None
+    if constraint.chars != vocab.chars:
         raise RequestError("constraint", "was compiled for another vocabulary: compile it for this model's")
+    ids = {c: i for i, c in enumerate(vocab.chars)}
+    for s in request.stop:
+        if not all(c in ids for c in s) or not constraint.can_spell([ids[c] for c in s]):
+            raise RequestError("stop", f"{s!r} can never appear in a text that matches the constraint, so it "
+                               "would never stop it: remove it, or change the constraint")
 
 
 def _validate_bias(bias: tuple[tuple[int, float], ...], vocab_size: int) -> None:

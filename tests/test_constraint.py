@@ -3,20 +3,24 @@ generation that matches it exactly; what cannot be compiled, or matched, refused
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
 from charlm.checkpoint import Checkpoint
+from charlm.choice import choice_logprobs, draw_choice
 from charlm.constraint import Constraint, ConstraintError, compile_constraint
 from charlm.engine import Engine
 from charlm.model import CharLSTM, ModelConfig
-from charlm.request import EngineLimits, GenerationRequest
+from charlm.request import EngineLimits, GenerationRequest, ScoreRequest
 from charlm.sampling import SamplingParams
 from charlm.vocab import Vocab
 from tests.server import running_server
@@ -49,6 +53,7 @@ def test_each_kind_compiles_to_a_table_over_the_vocabulary() -> None:
     ("choice", ["yes", ""], "choice", "non-empty"),
     ("choice", ["x"] * 100_000, "choice", "1 to 1024 strings"),
     ("choice", [], "choice", "1 to 1024 strings"),
+    ("choice", ["yes", "n" * 513], "choice", "at most 512 characters, got 513"),
     ("json", "not a schema", "json", "JSON schema"),
 ])
 def test_what_cannot_be_used_is_refused_naming_the_field(kind: str, value: object, field: str, message: str) -> None:
@@ -160,3 +165,86 @@ def test_compiles_run_one_child_at_a_time(monkeypatch: pytest.MonkeyPatch) -> No
     for t in threads:
         t.join()
     assert most == 1
+
+
+CHOICES = ["the shore", "the sailor", "the boy", "wood"]  # three share "the ": masking per step would favour them
+
+
+def test_choice_frequencies_follow_the_models_probabilities_from_score(tiny_checkpoint_path: Path) -> None:
+    """Each choice is drawn about as often as /score's probability of it, normalised over the choices
+    (per-character masking picked "the shore" 46 % of the time where its probability is 67 %)."""
+    seed, draws = "Along ", 400
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint_path, device="cpu"))) as c:
+        def logprob(text: str) -> float:
+            r = c.post("/score", json={"text": text, "per_char": False})
+            assert r.status_code == 200, r.text
+            return float(r.json()["logprob"])
+
+        weights = [math.exp(logprob(seed + choice) - logprob(seed)) for choice in CHOICES]
+        expected = [w / sum(weights) for w in weights]
+        counts: collections.Counter[str] = collections.Counter()
+        for s in range(draws):
+            r = c.post("/generate", json={"seed": seed, "length": 20, "random_seed": s,
+                                          "constraint": {"choice": CHOICES}})
+            assert r.status_code == 200 and r.json()["finish_reason"] == "stop", r.text
+            counts[r.json()["generated"]] += 1
+        greedy = c.post("/generate", json={"seed": seed, "length": 20, "top_k": 1,
+                                           "constraint": {"choice": CHOICES}}).json()["generated"]
+    assert set(counts) <= set(CHOICES)
+    for choice, p in zip(CHOICES, expected):  # within 4 standard errors of a binomial
+        assert abs(counts[choice] / draws - p) <= 4 * math.sqrt(p * (1 - p) / draws) + 1 / draws, (counts, expected)
+    assert greedy == CHOICES[expected.index(max(expected))]
+
+
+def test_choice_scores_are_the_models_and_take_the_bias_and_scale(tiny: Checkpoint) -> None:
+    seed = "Along "
+    ids = tiny.vocab.encode(seed)[None]
+    with torch.inference_mode():
+        logits, (h, c), _ = tiny.model(ids)
+    choices = tuple(tuple(tiny.vocab.encode(text).tolist()) for text in CHOICES + ["w"])
+    got = choice_logprobs(tiny.model, (h[:, 0], c[:, 0]), logits[0, -1], choices)
+    with Engine(tiny.model, tiny.vocab, LIMITS) as engine:
+        for k, text in enumerate(CHOICES + ["w"]):
+            scored = engine.score(ScoreRequest(seed + text)).result(timeout=60)
+            assert float(got[k]) == pytest.approx(sum(e.logprob or 0.0 for e in scored.per_char[len(seed):]), abs=1e-4)
+    ban_w = torch.zeros(len(tiny.vocab))
+    ban_w[tiny.vocab.chars.index("w")] = -100
+    banned = choice_logprobs(tiny.model, (h[:, 0], c[:, 0]), logits[0, -1], choices, ban_w)
+    assert float(banned[3]) < -90 and float(banned[0]) > float(got[0])  # the others gain the banned mass
+    sharper = choice_logprobs(tiny.model, (h[:, 0], c[:, 0]), logits[0, -1], choices, scale=2.0)
+    assert float(sharper[0]) > float(got[0])  # the likeliest grows likelier
+    assert draw_choice(got, greedy=True, uniform=0.99) == int(got.argmax())
+    assert draw_choice(torch.tensor([float("-inf"), 0.0]), greedy=False, uniform=0.0) == 1  # never the impossible
+
+
+def test_a_banned_character_rules_out_the_choices_that_hold_it(tiny_checkpoint_path: Path, tiny: Checkpoint) -> None:
+    w = tiny.vocab.chars.index("w")
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint_path, device="cpu"))) as c:
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        texts = set()
+        for s in range(40):
+            body = {"model": model, "prompt": "Along ", "max_tokens": 20, "seed": s, "logit_bias": {str(w): -100}}
+            r = c.post("/v1/completions", json={**body, "structured_outputs": {"choice": CHOICES}})
+            assert r.status_code == 200, r.text
+            texts.add(r.json()["choices"][0]["text"])
+    assert texts and texts <= set(CHOICES) - {"wood"}
+
+
+def test_a_stop_string_the_constraint_can_never_produce_is_refused(tiny_checkpoint_path: Path) -> None:
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint_path, device="cpu"))) as c:
+        body = {"seed": "The ", "length": 50, "random_seed": 1, "constraint": {"regex": "[a-z]+ [a-z]+"}}
+        for stop in (["e b", "x"],  # "x" is not in the vocabulary
+                     ["."], ["  "], ["T"], ["boy", "."]):
+            r = c.post("/generate", json={**body, "stop": stop})
+            assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "stop", (stop, r.text)
+            assert "can never appear" in r.text
+        fine = c.post("/generate", json={**body, "stop": ["e b", " "]})
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        assert fine.status_code == 200 and " " not in fine.json()["generated"], fine.text  # stopped at the space
+        r = c.post("/v1/completions", json={"model": model, "prompt": "The ", "max_tokens": 9, "stop": "sand",
+                                             "structured_outputs": {"choice": ["the boy", "wood"]}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+        r = c.post("/v1/completions", json={"model": model, "prompt": "The ", "max_tokens": 9,
+                                             "structured_outputs": {"grammar": "root ::= \"a\""}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.grammar", r.text
+        assert "regex, choice or json" in r.text
