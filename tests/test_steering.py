@@ -118,15 +118,13 @@ def test_the_openai_sdk_sends_every_steering_parameter(tiny_checkpoint_path: Pat
     with running_server(tiny_checkpoint_path) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
         model = client.models.list().data[0].id
-        banned = client.completions.create(model=model, prompt="The ", max_tokens=2000, seed=4, logit_bias={e_id: -100},
-                                           presence_penalty=0.3, frequency_penalty=0.2,
-                                           extra_body={"repetition_penalty": 1.1, "min_p": 0.02})
-        text = banned.choices[0].text
-        assert len(text) == 2000 and "e" not in text
-        again = client.completions.create(model=model, prompt="The ", max_tokens=2000, seed=4, logit_bias={e_id: -100},
-                                          presence_penalty=0.3, frequency_penalty=0.2,
-                                          extra_body={"repetition_penalty": 1.1, "min_p": 0.02})
-        assert again.choices[0].text == text
+        steered = dict(model=model, prompt="The ", max_tokens=2000, n=5, seed=4, logit_bias={e_id: -100},
+                       presence_penalty=0.3, frequency_penalty=0.2,
+                       extra_body={"repetition_penalty": 1.1, "min_p": 0.02})
+        texts = [choice.text for choice in client.completions.create(**steered).choices]  # type: ignore[call-overload]
+        assert sum(map(len, texts)) == 10_000 and not any("e" in text for text in texts)
+        again = client.completions.create(**steered)  # type: ignore[call-overload]
+        assert [choice.text for choice in again.choices] == texts
         for kwargs, param in (({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
                               ({"logit_bias": {e_id: 1e308}}, "logit_bias"),
                               ({"presence_penalty": 3}, "presence_penalty"),
