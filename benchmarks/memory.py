@@ -9,7 +9,9 @@ peak (VmHWM) is that scenario's own:
 - the largest accepted whole responses, with and without an echoed 10,000-character prompt;
 - streams of the largest accepted request whose clients never read, opened until the server refuses
   one (the server-wide bound), then closed, twice: the resident set after they go, and whether a
-  second round adds to it.
+  second round adds to it;
+- the largest whole response while patterns that blow up are compiled: the compile child's resident
+  set counts against the replica's limit too (the same cgroup), so its peak is added to the server's.
 """
 
 from __future__ import annotations
@@ -94,6 +96,46 @@ def scenario(name: str, run: Callable[[Server], str]) -> None:
               flush=True)
 
 
+class ChildWatch:
+    """The largest resident set of any child of `pid` (the constraint compiler), polled every 5 ms."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for children in Path(f"/proc/{self.pid}/task").glob("*/children"):
+                for child in children.read_text().split():
+                    try:
+                        self.peak = max(self.peak, mib(int(child), "VmHWM"))
+                    except (OSError, RuntimeError):  # it ended meanwhile
+                        pass
+            time.sleep(0.005)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def compiling_beside_the_largest(server: Server) -> str:
+    children = ChildWatch(server.process.pid)
+    whole: list[str] = []
+    worker = threading.Thread(target=lambda: whole.append(largest_whole(echo=False)(server)))
+    worker.start()
+    refusals = []
+    for pattern in ("(a|b)*a(a|b){20}", "((a{1,50}){1,50}){1,50}", "(a|b)*a(a|b){14}"):
+        _, reply = send(server, {"prompt": "The ", "max_tokens": 5, "structured_outputs": {"regex": pattern}})
+        refusals.append(status(reply).split()[0])
+    worker.join()
+    child = children.stop()
+    server_peak = mib(server.process.pid, "VmHWM")
+    return (f"{whole[0]}; compiles {', '.join(refusals)}; compile child peak {child:.0f} MiB, with the server's "
+            f"peak {server_peak + child:.0f} MiB ({(server_peak + child) / LIMIT_MIB:.0%} of {LIMIT_MIB})")
+
+
 def status(reply: str) -> str:
     return reply.split("\r\n", 1)[0].removeprefix("HTTP/1.1 ")
 
@@ -149,6 +191,7 @@ def main() -> None:
     scenario("largest accepted whole response, n 64 x 680 chars x logprobs 5", largest_whole(echo=False))
     scenario("largest accepted whole response, 10,000-char prompt echoed, n 4", largest_whole(echo=True))
     scenario("streams of the largest accepted request, never read", unread_streams)
+    scenario("largest accepted whole response while patterns that blow up compile", compiling_beside_the_largest)
 
 
 if __name__ == "__main__":

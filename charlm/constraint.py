@@ -46,7 +46,9 @@ MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 512  # one choice: all are scored before the first character, as one prefill chunk costs
 MAX_STATES = 20_000  # the table: states x vocabulary int32s (7.7 MB for 96 characters)
 COMPILE_SECONDS = 3.0
-COMPILE_MEMORY = 512 << 20  # the child's address space: within a replica's memory beside the server
+# The child's address space. Its resident set counts against the replica's 768 MiB beside the server's
+# peak (benchmarks/memory.py); what compiles within COMPILE_SECONDS here needs under 200 MiB.
+COMPILE_MEMORY = 256 << 20
 CACHE_ENTRIES = 64
 
 
