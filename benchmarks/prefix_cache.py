@@ -30,8 +30,9 @@ import torch
 
 from benchmarks.common import MODEL, corpus_text, cpu_info, median
 from charlm.checkpoint import load_checkpoint
-from charlm.engine import PREFILL_CHUNK, Engine, chunk_end
+from charlm.engine import Engine
 from charlm.files import file_sha256
+from charlm.jobs import PREFILL_CHUNK, chunk_end
 from charlm.prefix_cache import PrefixCache, prefix_digests
 from charlm.request import EngineLimits, GenerationRequest, GenerationResult
 
@@ -70,7 +71,7 @@ def make_engine(ckpt, version: str, cache_mb: float, warm_up: str):  # type: ign
 
 
 def chunks_after(start: int, end: int) -> list[int]:
-    """The chunk lengths the engine runs for text [start, end) (charlm.engine.chunk_end)."""
+    """The chunk lengths the engine runs for text [start, end) (charlm.jobs.chunk_end)."""
     out = []
     while start < end:
         nxt = chunk_end(start, end)

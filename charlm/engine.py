@@ -31,11 +31,11 @@ from charlm import native
 from charlm.choice import choice_logprobs, draw_choice
 from charlm.decoder import Decoder
 from charlm.handles import Generation, Handle, Scoring, running_loop
-from charlm.jobs import ChunkedJob, Job, Prefill, Row, ScoreJob
+from charlm.jobs import PREFILL_CHUNK, Job, Prefill, Row, ScoreJob, chunk_end
 from charlm.logprobs import sampled_logprobs, scored_logprobs
 from charlm.model import CharLSTM
 from charlm.native import WeightFormat
-from charlm.prefix_cache import CachedState, PrefixCache, prefix_digests
+from charlm.prefix_cache import PrefixCache, PrefixStates
 from charlm.request import (
     CharLogprob,
     EngineClosedError,
@@ -61,41 +61,8 @@ from charlm.vocab import Vocab
 __all__ = ["Engine", "EngineHooks", "EngineStats"]
 
 
-def _fewer(entry: CharLogprob, top_k: int) -> CharLogprob:
-    """A cached entry with only its top_k most likely alternatives (they were sorted over the whole
-    vocabulary, so the first top_k are what asking for top_k gives)."""
-    if not top_k:
-        return CharLogprob(entry.char, entry.logprob)
-    return CharLogprob(entry.char, entry.logprob, entry.top_chars[:top_k], entry.top_logprobs[:top_k])
-
-
 # Seeds up to this many characters are prefilled together, through the decoder's batched steps.
 SHORT_SEED = 64
-
-# Longer seeds, and texts to score, go through nn.LSTM in chunks of this many characters, one budget
-# of them per loop.
-PREFILL_CHUNK = 512
-
-
-def chunk_end(pos: int, end: int) -> int:
-    """Where the chunk of text [pos, end) that starts at `pos` ends: a whole PREFILL_CHUNK, else the
-    largest power of two that fits. So nn.LSTM only ever sees 10 lengths: oneDNN keeps a compiled
-    primitive for every length it is given (0.6 MiB each for the shipped model, up to 1,024 of them),
-    and a client choosing its text's length must not choose how much memory the server keeps."""
-    left = end - pos
-    return pos + (PREFILL_CHUNK if left >= PREFILL_CHUNK else 1 << (left.bit_length() - 1))
-
-
-def chunk_bounds(end: int) -> list[int]:
-    """Where the chunks of a seed of `end` characters end, before its end. Every run of a text passes
-    the same boundaries with the same chunks before them (whole chunks, then halving pieces), so a
-    state kept at any of them is the one any longer text computes there: a seed sent again with more
-    text resumes at the last piece the two share, not only at a multiple of PREFILL_CHUNK."""
-    bounds, pos = [], 0
-    while (pos := chunk_end(pos, end)) < end:
-        bounds.append(pos)
-    return bounds
-
 
 @dataclass(frozen=True)
 class EngineHooks:
@@ -155,7 +122,7 @@ class Engine:
         self._unfinished = 0  # jobs submitted and not yet finished, wherever they are
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()  # finish counters are also written by withdrawing consumers
-        self._cache, self._version = cache, f"{version}/{weights}"  # a format's short prefills differ
+        self._prefixes = PrefixStates(cache, f"{version}/{weights}")  # a format's short prefills differ
         self._owns_scheduler = scheduler is None
         self._scheduler = scheduler or Scheduler()
         self._scheduler.add(self)
@@ -358,7 +325,7 @@ class Engine:
                 continue
             if isinstance(handle, Scoring):
                 score_job = ScoreJob(self._encode(handle.request.text), scoring=handle)
-                self._resume_scoring(score_job, handle.request.text, handle.request.top_k)
+                self._prefixes.resume_scoring(score_job, handle.request.text, handle.request.top_k)
                 self._prefilling.append(score_job)
                 continue
             assert isinstance(handle, Generation)
@@ -369,57 +336,9 @@ class Engine:
             elif leader := self._prefilling_seed(seed):
                 leader.followers.append(job)
             else:
-                self._resume_prefill(job, seed)
+                self._prefixes.resume_prefill(job, seed)
                 self._prefilling.append(job)
         return short
-
-    # --- the prefix cache (charlm/prefix_cache.py) ---
-    def _digests(self, job: ChunkedJob, text: str, bounds: list[int]) -> list[int]:
-        """Give `job` the digests of its text's prefixes the cache keys; return `bounds`, the chunk
-        boundaries before the text's end."""
-        job.digests = prefix_digests(text, sorted({*bounds, *(b + 1 for b in bounds), len(text)}))
-        return bounds
-
-    def _resume_prefill(self, job: Prefill, seed: str) -> None:
-        """Start a long seed from the longest prefix of it the cache holds (all of it, with the logits
-        that follow it, when the same seed came before)."""
-        if self._cache is None:
-            return
-        bounds = self._digests(job, seed, chunk_bounds(len(seed)))
-        found = self._cache.get((self._version, "end", job.digests[len(seed)]))
-        if found is not None and found.logits is not None:
-            job.pos, job.state, job.end_logits = len(seed), (found.h, found.c), found.logits
-        else:
-            for b in reversed(bounds):
-                if (found := self._cache.get((self._version, "state", job.digests[b]))) is not None:
-                    job.pos, job.state = b, (found.h, found.c)
-                    break
-        self._cache.counted(job.pos)
-
-    def _resume_scoring(self, job: ScoreJob, text: str, top_k: int) -> None:
-        """Start a scored text after the longest run of whole chunks whose entries the cache holds (with
-        at least `top_k` alternatives each) and whose end state it holds."""
-        if self._cache is None:
-            return
-        entries: list[CharLogprob] = []
-        resumed: tuple[int, CachedState] | None = None
-        for b in self._digests(job, text, list(range(PREFILL_CHUNK, len(text), PREFILL_CHUNK))):
-            scores = self._cache.get((self._version, "scores", job.digests[b + 1]))
-            state = self._cache.get((self._version, "state", job.digests[b]))
-            if scores is None or scores.scores is None or scores.top_k < top_k or state is None:
-                break
-            entries += scores.scores if scores.top_k == top_k else [_fewer(e, top_k) for e in scores.scores]
-            resumed = b, state
-        if resumed is not None:
-            job.pos, job.state = resumed[0], (resumed[1].h, resumed[1].c)
-            job.per_char = [CharLogprob(text[0], None), *entries]
-        self._cache.counted(job.pos)
-
-    def _keep(self, job: ChunkedJob, kind: str, length: int, **extra: Any) -> None:
-        """Cache `job`'s state after its first `length` characters (they end a whole chunk, or its text)."""
-        if self._cache is not None and job.state is not None and length in job.digests:
-            h, c = job.state
-            self._cache.put((self._version, kind, job.digests[length]), CachedState(h, c, **extra))
 
     def _encode(self, text: str) -> torch.Tensor:
         """`text` as a batch of one row of ids on the model's device, as nn.LSTM takes it."""
@@ -469,12 +388,12 @@ class Engine:
         job.pos += chunk.size(1)
         job.seconds += time.perf_counter() - started
         if job.pos < seed_chars:
-            self._keep(job, "state", job.pos)
+            self._prefixes.keep(job, "state", job.pos)
             self._prefilling.rotate(-1)  # round robin: a long seed does not hold up short ones
             return chunk.size(1)
         self._prefilling.popleft()
         last = logits[0, -1:]
-        self._keep(job, "end", seed_chars, logits=last[0].clone())
+        self._prefixes.keep(job, "end", seed_chars, logits=last[0].clone())
         self._start_prefilled(job, last)
         return chunk.size(1)
 
@@ -505,8 +424,8 @@ class Engine:
         job.pos += n
         job.seconds += time.perf_counter() - started
         if n == PREFILL_CHUNK and job.pos % PREFILL_CHUNK == 0:  # a whole chunk, where a prefill's ends too
-            self._keep(job, "state", job.pos)
-            self._keep(job, "scores", job.pos + 1, scores=tuple(job.per_char[-n:]), top_k=top_k)
+            self._prefixes.keep(job, "state", job.pos)
+            self._prefixes.keep(job, "scores", job.pos + 1, scores=tuple(job.per_char[-n:]), top_k=top_k)
         if job.pos < predicted:
             self._prefilling.rotate(-1)  # round robin with long seeds and other texts
             return n

@@ -18,7 +18,32 @@ from charlm.sampling import RowSampler
 from charlm.steering import Steering
 from charlm.stopping import StopStrings
 
-__all__ = ["ChunkedJob", "Prefill", "ScoreJob", "Job", "Row"]
+__all__ = ["PREFILL_CHUNK", "ChunkedJob", "Prefill", "ScoreJob", "Job", "Row", "chunk_bounds", "chunk_end"]
+
+# Longer seeds, and texts to score, go through nn.LSTM in chunks of this many characters, one budget
+# of them per loop.
+PREFILL_CHUNK = 512
+
+
+def chunk_end(pos: int, end: int) -> int:
+    """Where the chunk of text [pos, end) that starts at `pos` ends: a whole PREFILL_CHUNK, else the
+    largest power of two that fits. So nn.LSTM only ever sees 10 lengths: oneDNN keeps a compiled
+    primitive for every length it is given (0.6 MiB each for the shipped model, up to 1,024 of them),
+    and a client choosing its text's length must not choose how much memory the server keeps."""
+    left = end - pos
+    return pos + (PREFILL_CHUNK if left >= PREFILL_CHUNK else 1 << (left.bit_length() - 1))
+
+
+def chunk_bounds(end: int) -> list[int]:
+    """Where the chunks of a seed of `end` characters end, before its end. Every run of a text passes
+    the same boundaries with the same chunks before them (whole chunks, then halving pieces), so a
+    state kept at any of them is the one any longer text computes there: a seed sent again with more
+    text resumes at the last piece the two share, not only at a multiple of PREFILL_CHUNK."""
+    bounds, pos = [], 0
+    while (pos := chunk_end(pos, end)) < end:
+        bounds.append(pos)
+    return bounds
+
 
 
 @dataclass(eq=False)  # identity: jobs are found in the queue by object, never compared by tensors

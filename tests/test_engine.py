@@ -445,7 +445,7 @@ def test_memory_does_not_grow_across_2000_requests(engine: Engine) -> None:
 def test_memory_does_not_grow_with_the_number_of_seed_lengths(tiny: Checkpoint) -> None:
     """oneDNN keeps a compiled primitive per sequence length nn.LSTM is given (0.6 MiB each here, up to
     1,024): seeds and texts of 300 different lengths grew the process by 185 MiB before chunks were cut
-    to 10 lengths (charlm/engine.py chunk_end)."""
+    to 10 lengths (charlm/jobs.py chunk_end)."""
     from tests.conftest import make_corpus
 
     text = make_corpus(200, seed=11)

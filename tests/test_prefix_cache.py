@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from charlm.checkpoint import Checkpoint
-from charlm.engine import PREFILL_CHUNK, Engine, chunk_bounds
+from charlm.engine import Engine
+from charlm.jobs import PREFILL_CHUNK, chunk_bounds
 from charlm.model import CharLSTM
 from charlm.prefix_cache import PrefixCache
 from charlm.request import EngineLimits, GenerationRequest, ScoreRequest, ScoreResult
