@@ -1,6 +1,7 @@
 """The engine's own records of work in progress: text going through nn.LSTM chunk by chunk (a long
-seed's prefill, a text being scored) and an active request's decode row. Only charlm/engine.py uses
-them; they live apart so that the engine's module is its scheduling loop.
+seed's prefill, a text being scored), where those chunks end, and an active request's decode row.
+Only the engine and the prefix cache it resumes jobs from (charlm/prefix_cache.py) use them; they
+live apart so that the engine's module is its scheduling loop.
 """
 
 from __future__ import annotations
