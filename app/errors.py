@@ -159,10 +159,19 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return details
 
 
+# Parameters that are objects of named fields: an error names the field too (structured_outputs.regex).
+_OBJECT_PARAMS = {"structured_outputs"}
+
+
 def _openai_param(err: dict[str, Any]) -> str | None:
-    """The request parameter an error is about: the first key of its location in the body."""
+    """The request parameter an error is about: the first key of its location in the body (and the
+    field within it, for the object parameters)."""
     loc = [p for p in err.get("loc", ()) if p != "body"]
-    return str(loc[0]) if loc and isinstance(loc[0], str) else None
+    if not loc or not isinstance(loc[0], str):
+        return None
+    if loc[0] in _OBJECT_PARAMS and len(loc) > 1 and isinstance(loc[1], str):
+        return f"{loc[0]}.{loc[1]}"
+    return loc[0]
 
 
 def openai_validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:

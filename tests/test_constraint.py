@@ -248,3 +248,21 @@ def test_a_stop_string_the_constraint_can_never_produce_is_refused(tiny_checkpoi
                                              "structured_outputs": {"grammar": "root ::= \"a\""}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.grammar", r.text
         assert "regex, choice or json" in r.text
+
+
+def test_huge_patterns_and_choice_lists_are_refused_at_the_door(tiny_checkpoint_path: Path) -> None:
+    """A 1 MB pattern never reaches the parser (the body limit); one that fits the body is refused by
+    size, naming the field, before anything is compiled."""
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint_path, device="cpu"))) as c:
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        megabyte = {"regex": "a" * 10**6}
+        r = c.post("/v1/completions", json={"model": model, "prompt": "The ", "structured_outputs": megabyte})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+        for outputs, param in (({"regex": "a" * 60_000}, "structured_outputs.regex"),
+                               ({"choice": ["the"] * 10_000}, "structured_outputs.choice"),
+                               ({"json": {"enum": ["a" * 60_000]}}, "structured_outputs.json")):
+            r = c.post("/v1/completions", json={"model": model, "prompt": "The ", "structured_outputs": outputs})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
+            r = c.post("/generate", json={"seed": "The ", "constraint": outputs})
+            assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == param.replace(
+                "structured_outputs", "constraint"), r.text[:300]

@@ -125,6 +125,9 @@ def test_the_openai_sdk_sends_every_steering_parameter(tiny_checkpoint_path: Pat
         assert sum(map(len, texts)) == 10_000 and not any("e" in text for text in texts)
         again = client.completions.create(**steered)  # type: ignore[call-overload]
         assert [choice.text for choice in again.choices] == texts
+        best = client.completions.create(model=model, prompt="The ", max_tokens=30, n=2, best_of=6, seed=1, logprobs=0)
+        sums = [sum(choice.logprobs.token_logprobs) for choice in best.choices]  # type: ignore[union-attr, arg-type]
+        assert len(best.choices) == 2 and sums[0] >= sums[1]  # the likelier first
         for kwargs, param in (({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
                               ({"logit_bias": {e_id: 1e308}}, "logit_bias"),
                               ({"presence_penalty": 3}, "presence_penalty"),
