@@ -400,7 +400,7 @@ def test_a_choice_constraint_makes_the_text_one_of_the_choices(server: Server, b
         help_id = by_id(browser, control).get_attribute("aria-describedby")
         assert help_id and text_of(browser, help_id).split() == (
             "The generated text will match this exactly: each step allows only characters that can still "
-            "complete a match.").split(), control
+            "complete a match; a choice is drawn whole, as often as the model finds it likely.").split(), control
 
     # A schema that is not JSON is named on the page, and nothing is sent.
     pick(browser, "constraint-kind", "json")
