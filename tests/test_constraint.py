@@ -266,3 +266,19 @@ def test_huge_patterns_and_choice_lists_are_refused_at_the_door(tiny_checkpoint_
             r = c.post("/generate", json={"seed": "The ", "constraint": outputs})
             assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == param.replace(
                 "structured_outputs", "constraint"), r.text[:300]
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_both_decode_paths_keep_constraints_alone_or_in_a_crowd(tiny: Checkpoint, use_native: bool) -> None:
+    sentence = compile_constraint(Constraint.of("regex", SENTENCE), tiny.vocab.chars)
+    names = compile_constraint(Constraint.of("choice", CHOICES), tiny.vocab.chars)
+    requests = [GenerationRequest("Along ", length=100, random_seed=s, constraint=constraint)
+                for s in range(10) for constraint in (sentence, names)]
+    with Engine(tiny.model, tiny.vocab, LIMITS, use_native=use_native) as engine:
+        assert engine.native == use_native
+        alone = [engine.generate(r, timeout=60).generated for r in requests]
+        crowd = engine.submit_many([*requests, *(GenerationRequest("The", length=80, random_seed=s) for s in range(8))])
+        together = [g.result(timeout=120).generated for g in crowd[: len(requests)]]
+    assert together == alone
+    assert all(re.fullmatch(SENTENCE, t) for t in alone[::2]) and set(alone[1::2]) <= set(CHOICES)
+    assert len(set(alone[1::2])) > 1  # the seeds draw different choices
