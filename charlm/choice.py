@@ -57,6 +57,7 @@ def choice_logprobs(model: CharLSTM, state: tuple[torch.Tensor, torch.Tensor], f
 def draw_choice(logprobs: torch.Tensor, greedy: bool, uniform: float) -> int:
     """The index of the choice drawn with probability proportional to exp(logprobs), by inverse CDF of
     `uniform` in [0, 1) (the request's own stream); greedy: the most likely, the first on a tie."""
+    logprobs = logprobs.cpu()
     if greedy:
         return int(logprobs.argmax())
     cdf = torch.softmax(logprobs, dim=0).cumsum(0)
