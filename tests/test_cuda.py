@@ -4,12 +4,14 @@ contracts as on the CPU, on the path a GPU takes (PyTorch alone, no native kerne
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from charlm.checkpoint import Checkpoint, load_checkpoint
+from charlm.constraint import Constraint, compile_constraint
 from charlm.engine import Engine
 from charlm.evaluate import evaluate
 from charlm.request import EngineLimits, GenerationRequest, ScoreRequest
@@ -39,6 +41,18 @@ def test_generation_is_reproducible_and_batch_independent_on_cuda(on_gpu: Checkp
     for entry in alone.logprobs:
         assert entry.logprob is not None and entry.logprob <= 0 and len(entry.top) == 3
         assert [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+
+
+def test_constraints_on_cuda(on_gpu: Checkpoint) -> None:
+    """A regex masks and a choice is drawn (scored on the GPU) there as on the CPU."""
+    letters = compile_constraint(Constraint.of("regex", "[a-z]{3} [a-z]{4}"), on_gpu.vocab.chars)
+    names = compile_constraint(Constraint.of("choice", ["the shore", "the boy", "wood"]), on_gpu.vocab.chars)
+    with Engine(on_gpu.model, on_gpu.vocab, EngineLimits(max_batch=16)) as engine:
+        gens = engine.submit_many([GenerationRequest("Along ", length=30, random_seed=s, constraint=c)
+                                   for s in range(8) for c in (letters, names)])
+        texts = [g.result(timeout=120).generated for g in gens]
+    assert all(re.fullmatch("[a-z]{3} [a-z]{4}", t) for t in texts[::2])
+    assert set(texts[1::2]) <= {"the shore", "the boy", "wood"}
 
 
 def test_scoring_on_cuda_agrees_with_evaluate(on_gpu: Checkpoint) -> None:
