@@ -171,29 +171,36 @@ CHOICES = ["the shore", "the sailor", "the boy", "wood"]  # three share "the ": 
 
 
 def test_choice_frequencies_follow_the_models_probabilities_from_score(tiny_checkpoint_path: Path) -> None:
-    """Each choice is drawn about as often as /score's probability of it, normalised over the choices
-    (per-character masking picked "the shore" 46 % of the time where its probability is 67 %)."""
-    seed, draws = "Along ", 400
-    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint_path, device="cpu"))) as c:
+    """Over 400 draws by the openai SDK, each choice comes about as often as /score's probability of it,
+    normalised over the choices (per-character masking picked "the shore" 46 % of the time where its
+    probability is 67 %)."""
+    import httpx
+    import openai
+
+    seed, calls, n = "Along ", 8, 50
+    with running_server(tiny_checkpoint_path) as server:
         def logprob(text: str) -> float:
-            r = c.post("/score", json={"text": text, "per_char": False})
+            r = httpx.post(f"{server.url}/score", json={"text": text, "per_char": False}, timeout=60)
             assert r.status_code == 200, r.text
             return float(r.json()["logprob"])
 
         weights = [math.exp(logprob(seed + choice) - logprob(seed)) for choice in CHOICES]
         expected = [w / sum(weights) for w in weights]
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
         counts: collections.Counter[str] = collections.Counter()
-        for s in range(draws):
-            r = c.post("/generate", json={"seed": seed, "length": 20, "random_seed": s,
-                                          "constraint": {"choice": CHOICES}})
-            assert r.status_code == 200 and r.json()["finish_reason"] == "stop", r.text
-            counts[r.json()["generated"]] += 1
-        greedy = c.post("/generate", json={"seed": seed, "length": 20, "top_k": 1,
-                                           "constraint": {"choice": CHOICES}}).json()["generated"]
-    assert set(counts) <= set(CHOICES)
+        for s in range(calls):
+            out = client.completions.create(model=model, prompt=seed, max_tokens=20, n=n, seed=s,
+                                            extra_body={"structured_outputs": {"choice": CHOICES}})
+            assert {c.finish_reason for c in out.choices} == {"stop"}
+            counts.update(c.text for c in out.choices)
+        greedy = client.completions.create(model=model, prompt=seed, max_tokens=20, temperature=0,
+                                           extra_body={"structured_outputs": {"choice": CHOICES}})
+    draws = calls * n
+    assert set(counts) <= set(CHOICES) and sum(counts.values()) == draws
     for choice, p in zip(CHOICES, expected):  # within 4 standard errors of a binomial
         assert abs(counts[choice] / draws - p) <= 4 * math.sqrt(p * (1 - p) / draws) + 1 / draws, (counts, expected)
-    assert greedy == CHOICES[expected.index(max(expected))]
+    assert greedy.choices[0].text == CHOICES[expected.index(max(expected))]
 
 
 def test_choice_scores_are_the_models_and_take_the_bias_and_scale(tiny: Checkpoint) -> None:
