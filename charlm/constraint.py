@@ -9,8 +9,9 @@ character the mask allows leads somewhere: a constrained generation never gets s
 constraint no string of the vocabulary can match is refused before any decoding.
 
 outlines-core has no bound on the time or memory of a compile (`(a|b)*a(a|b){20}` takes millions of
-states), so compiling runs in a child process (`python -m charlm.constraint`) with a timeout, an
-address-space limit and a cap on states. Results are cached per (constraint, vocabulary).
+states), so compiling runs in a child process (`python -m charlm.constraint`) with a timeout, a
+limit on the address space it adds, and a cap on states. Results are cached per (constraint,
+vocabulary). A `choice` is neither compiled in a child nor cached: see below.
 
 A `choice` needs no library and no child: its automaton is the trie of the choices, built here. It
 is not sampled character by character (masking renormalises at each step, which would weigh "R"
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -46,9 +48,13 @@ MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 512  # one choice: all are scored before the first character, as one prefill chunk costs
 MAX_STATES = 20_000  # the table: states x vocabulary int32s (7.7 MB for 96 characters)
 COMPILE_SECONDS = 3.0
-# The child's address space. Its resident set counts against the replica's 768 MiB beside the server's
-# peak (benchmarks/memory.py); what compiles within COMPILE_SECONDS here needs under 200 MiB.
-COMPILE_MEMORY = 256 << 20
+# Address space the child may add to what it holds before compiling (numpy and the interpreter: about
+# 100 MiB, more where libraries start a thread per core). Its resident set counts against the
+# replica's 768 MiB beside the server's peak (benchmarks/memory.py); everything that compiles within
+# COMPILE_SECONDS here needs well under this.
+COMPILE_MEMORY = 192 << 20
+# One thread for the child's numerical libraries: each thread a core would get reserves address space.
+_CHILD_THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 CACHE_ENTRIES = 64
 
 
@@ -230,7 +236,8 @@ def _prune(table: np.ndarray, accepting: np.ndarray, start: int) -> tuple[np.nda
 def _compile_here() -> int:
     """The child's side (`python -m charlm.constraint`): a request as JSON on stdin, the tables as
     .npz on stdout, or a refusal as JSON with exit status 2; its memory capped before any work."""
-    resource.setrlimit(resource.RLIMIT_AS, (COMPILE_MEMORY, COMPILE_MEMORY))
+    limit = _address_space() + COMPILE_MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     asked = json.loads(sys.stdin.buffer.read())
     constraint, chars = Constraint(asked["kind"], asked["spec"]), tuple(asked["chars"])
     try:
@@ -244,6 +251,18 @@ def _compile_here() -> int:
     out = io.BytesIO()
     np.savez(out, table=table, accepting=accepting)
     sys.stdout.buffer.write(out.getvalue())
+    return 0
+
+
+def _address_space() -> int:
+    """This process's virtual size now, in bytes (Linux's /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
     return 0
 
 
@@ -277,7 +296,7 @@ def _compile_in_child(constraint: Constraint, chars: tuple[str, ...],
     asked = json.dumps({"kind": constraint.kind, "spec": constraint.spec, "chars": list(chars)}).encode()
     try:
         done = subprocess.run([sys.executable, "-m", "charlm.constraint"], input=asked, capture_output=True,
-                              timeout=COMPILE_SECONDS)
+                              timeout=COMPILE_SECONDS, env={**os.environ, **_CHILD_THREADS})
     except subprocess.TimeoutExpired:
         raise ConstraintError(constraint.kind, f"did not compile within {COMPILE_SECONDS:g} s (its automaton grows "
                               "too large): simplify it") from None

@@ -289,3 +289,16 @@ def test_both_decode_paths_keep_constraints_alone_or_in_a_crowd(tiny: Checkpoint
     assert together == alone
     assert all(re.fullmatch(SENTENCE, t) for t in alone[::2]) and set(alone[1::2]) <= set(CHOICES)
     assert len(set(alone[1::2])) > 1  # the seeds draw different choices
+
+
+def test_a_compile_child_that_starts_large_still_compiles() -> None:
+    """The child's limit is address space it may add: one that already holds much (a thread per core
+    of a large machine reserves tens of MiB each) compiles as a small one does."""
+    import subprocess
+    import sys
+
+    code = ("import mmap, sys; pad = mmap.mmap(-1, 1 << 30); from charlm.constraint import _compile_here; "
+            "sys.exit(_compile_here())")
+    asked = json.dumps({"kind": "regex", "spec": "[a-z]{3}", "chars": list(ASCII)}).encode()
+    done = subprocess.run([sys.executable, "-c", code], input=asked, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stdout[:300] + done.stderr[-300:]
