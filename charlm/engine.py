@@ -451,7 +451,7 @@ class Engine:
                              top_k=params.top_k_for(self._vocab_size), top_p=params.top_p_or_off,
                              stops=StopStrings(req.stop) if req.stop else None,
                              min_p=0.0 if params.greedy else params.min_p, constraint=req.constraint,
-                             steering=Steering(params, self._vocab_size, job.ids[0].cpu()) if params.steers else None))
+                             steering=Steering(params, self._vocab_size, job.ids[0]) if params.steers else None))
         sampling = time.perf_counter()
         self._draw_choices(rows, logits, state_of)
         tokens = self._sample(rows, logits).tolist()

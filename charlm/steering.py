@@ -26,17 +26,20 @@ class Steering:
     """One row's bias vector and the counts its penalties need, updated with each sampled character."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, seed_ids: torch.Tensor):
+        """`seed_ids` on the device of the logits this row will change (its vectors live there too)."""
+        device = seed_ids.device
         self.bias: torch.Tensor | None = None
         if params.logit_bias:
             self.bias = torch.zeros(vocab_size)
             for token, value in params.logit_bias:
                 self.bias[token] = value
+            self.bias = self.bias.to(device)
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
         self.repetition = params.repetition_penalty
-        self.counts = torch.zeros(vocab_size) if self.presence or self.frequency else None
+        self.counts = torch.zeros(vocab_size, device=device) if self.presence or self.frequency else None
         self.seen: torch.Tensor | None = None
         if self.repetition != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.seen[seed_ids] = True
 
     def apply(self, z: torch.Tensor) -> None:
@@ -63,7 +66,7 @@ def constrain(constraint: CompiledConstraint, state: int, z: torch.Tensor, scale
     from `state`; return True when the text ends here instead. At a complete match that can grow it
     ends with the probability the model gives to the characters that would leave the language (a
     uniform from `draw`, the request's own stream; greedy: when its top character would leave)."""
-    allowed = torch.from_numpy(constraint.allowed[state])
+    allowed = torch.from_numpy(constraint.allowed[state]).to(z.device)
     if constraint.accepting[state]:
         if not constraint.grows[state]:
             return True

@@ -43,16 +43,20 @@ def test_generation_is_reproducible_and_batch_independent_on_cuda(on_gpu: Checkp
         assert [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
 
 
-def test_constraints_on_cuda(on_gpu: Checkpoint) -> None:
-    """A regex masks and a choice is drawn (scored on the GPU) there as on the CPU."""
+def test_steering_and_constraints_on_cuda(on_gpu: Checkpoint) -> None:
+    """Bias, penalties and a regex mask act on the GPU's logits, and a choice is scored there, as on the
+    CPU: no "e" where it is banned, and every text matches."""
     letters = compile_constraint(Constraint.of("regex", "[a-z]{3} [a-z]{4}"), on_gpu.vocab.chars)
     names = compile_constraint(Constraint.of("choice", ["the shore", "the boy", "wood"]), on_gpu.vocab.chars)
+    steered = SamplingParams(logit_bias=((on_gpu.vocab.chars.index("e"), -100.0),), frequency_penalty=0.1,
+                             presence_penalty=0.1, repetition_penalty=1.1)
     with Engine(on_gpu.model, on_gpu.vocab, EngineLimits(max_batch=16)) as engine:
-        gens = engine.submit_many([GenerationRequest("Along ", length=30, random_seed=s, constraint=c)
-                                   for s in range(8) for c in (letters, names)])
+        gens = engine.submit_many([GenerationRequest("Along ", length=30, random_seed=s, constraint=c, sampling=p)
+                                   for s in range(8) for c in (letters, names) for p in (SamplingParams(), steered)])
         texts = [g.result(timeout=120).generated for g in gens]
-    assert all(re.fullmatch("[a-z]{3} [a-z]{4}", t) for t in texts[::2])
-    assert set(texts[1::2]) <= {"the shore", "the boy", "wood"}
+    assert all(re.fullmatch("[a-z]{3} [a-z]{4}", t) for t in texts[0::4] + texts[1::4])
+    assert set(texts[2::4] + texts[3::4]) <= {"the shore", "the boy", "wood"}
+    assert not any("e" in t for t in texts[1::4] + texts[3::4])
 
 
 def test_scoring_on_cuda_agrees_with_evaluate(on_gpu: Checkpoint) -> None:
