@@ -8,13 +8,18 @@ left, and one is drawn; the row then spells it (CompiledConstraint.only).
 The score of a choice is the sum, over its characters, of the log-probability the sampler's
 distribution gives each one: the model's logits plus the request's `logit_bias`, times its
 scale_factor (1/temperature); at 1 with no bias, exactly the model's probability of the string (what
-`/score` reports). Greedy decoding (or top_k 1) takes the most likely choice. Penalties, top_k, top_p and min_p
-act on characters as they are drawn one by one; a choice is drawn whole, so they do not change it.
+`/score` reports). A choice that another one extends ("Neb" beside "Nebula") also counts the
+probability of ending there: of the characters that would leave the list after it, the rule a regex
+match that could grow follows (charlm/steering.py constrain). Without it "Neb" would weigh every text
+that starts so, "Nebula" included. Greedy decoding (or top_k 1) takes the most likely choice.
+Penalties, top_k, top_p and min_p act on characters as they are drawn one by one; a choice is drawn
+whole, so they do not change it.
 
 The choices are run as one packed batch through the model (nn.LSTM), each from the seed's state: as
 many steps as the longest choice (at most charlm.constraint.MAX_CHOICE_CHARS), over the choices'
-characters together (at most MAX_PATTERN_CHARS). It depends only on the request, so a draw is
-reproducible per random seed and independent of the batch.
+characters together (at most MAX_PATTERN_CHARS), which the engine counts against its prefill budget.
+It depends only on the request, so a draw is reproducible per random seed and independent of the
+batch.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
+from charlm.constraint import CompiledConstraint
 from charlm.model import CharLSTM
 
 __all__ = ["choice_logprobs", "draw_choice"]
@@ -29,29 +35,46 @@ __all__ = ["choice_logprobs", "draw_choice"]
 
 @torch.inference_mode()
 def choice_logprobs(model: CharLSTM, state: tuple[torch.Tensor, torch.Tensor], first: torch.Tensor,
-                    choices: tuple[tuple[int, ...], ...], bias: torch.Tensor | None = None,
+                    constraint: CompiledConstraint, bias: torch.Tensor | None = None,
                     scale: float = 1.0) -> torch.Tensor:
-    """Each choice's log-probability (float64, one per choice) after a seed that left the LSTM in
-    `state` (h, c: layers x hidden each) with `first` (vocab,) the logits of the next character."""
+    """The log-probability (float64) of each of `constraint.choices` after a seed that left the LSTM
+    in `state` (h, c: layers x hidden each) with `first` (vocab,) the logits of the next character."""
+    assert constraint.choices is not None, "a choice constraint has choices"
+    choices, device = constraint.choices, first.device
 
     def logprobs(z: torch.Tensor) -> torch.Tensor:
         z = z.float() + bias if bias is not None else z.float()
         return torch.log_softmax(z.double() * scale, dim=-1)
 
-    device = first.device
     total = logprobs(first)[torch.tensor([c[0] for c in choices], device=device)]
-    longer = [k for k, c in enumerate(choices) if len(c) > 1]
-    if not longer:
+    ends = [_end_state(constraint, c) for c in choices]
+    # Each element: (input id, the id it predicts or -1 for "ends here", which choice), packed together.
+    elements = [[(a, b, k) for a, b in zip(c, c[1:])] + ([(c[-1], -1, k)] if constraint.grows[ends[k]] else [])
+                for k, c in enumerate(choices)]
+    rows = [torch.tensor(e, device=device) for e in elements if e]
+    if not rows:
         return total
-    # Each element: (input id, the id it predicts, which choice), so one packing keeps them together.
-    rows = [torch.tensor([[a, b, k] for a, b in zip(choices[k], choices[k][1:])], device=device) for k in longer]
     packed = pack_sequence(rows, enforce_sorted=False)
     inputs = PackedSequence(model.embedding(packed.data[:, 0]), packed.batch_sizes, packed.sorted_indices,
                             packed.unsorted_indices)
-    h, c = (s[:, None, :].expand(-1, len(longer), -1).contiguous() for s in state)
+    h, c = (s[:, None, :].expand(-1, len(rows), -1).contiguous() for s in state)
     out, _ = model.lstm(inputs, (h, c))
-    scores = logprobs(model.fc(out.data)).gather(1, packed.data[:, 1:2])[:, 0]
-    return total.index_add(0, packed.data[:, 2], scores)
+    lp = logprobs(model.fc(out.data))
+    targets, which = packed.data[:, 1], packed.data[:, 2]
+    scores = lp.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    ending = targets < 0
+    if bool(ending.any()):  # the probability of a character that continues no choice
+        stays = torch.from_numpy(constraint.allowed[ends]).to(device)[which[ending]]
+        scores[ending] = torch.logsumexp(lp[ending].masked_fill(stays, float("-inf")), dim=1)
+    return total.index_add(0, which, scores)
+
+
+def _end_state(constraint: CompiledConstraint, ids: tuple[int, ...]) -> int:
+    """The trie's state after a choice's characters."""
+    state = 0
+    for i in ids:
+        state = int(constraint.next[state, i])
+    return state
 
 
 def draw_choice(logprobs: torch.Tensor, greedy: bool, uniform: float) -> int:

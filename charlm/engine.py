@@ -64,6 +64,9 @@ __all__ = ["Engine", "EngineHooks", "EngineStats"]
 # Seeds up to this many characters are prefilled together, through the decoder's batched steps.
 SHORT_SEED = 64
 
+# Choice scores kept for requests that draw from the same choices after the same seed (charlm/choice.py).
+CHOICE_SCORES_KEPT = 16
+
 @dataclass(frozen=True)
 class EngineHooks:
     """Seams for tests and diagnostics to act inside the worker (pace it, inject a fault) without
@@ -89,6 +92,14 @@ class EngineStats:
     failed: int = 0
     timeouts: int = 0
     scored: int = 0  # scoring jobs completed
+
+
+def _draw(request: GenerationRequest) -> tuple[Any, ...] | None:
+    """What a request's choice draw depends on besides its seed (None: it draws none)."""
+    constraint = request.constraint
+    if constraint is None or constraint.choices is None:
+        return None
+    return constraint.constraint, request.sampling.logit_bias, request.sampling.sampler_scale
 
 
 class Engine:
@@ -122,6 +133,7 @@ class Engine:
         self._unfinished = 0  # jobs submitted and not yet finished, wherever they are
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()  # finish counters are also written by withdrawing consumers
+        self._choice_scores: collections.OrderedDict[tuple[Any, ...], torch.Tensor] = collections.OrderedDict()
         self._prefixes = PrefixStates(cache, f"{version}/{weights}")  # a format's short prefills differ
         self._owns_scheduler = scheduler is None
         self._scheduler = scheduler or Scheduler()
@@ -265,9 +277,10 @@ class Engine:
         shared pass instead of 64 passes one after another. Longer seeds, and texts to score, go
         through nn.LSTM in chunks of PREFILL_CHUNK characters (the rest in power-of-two pieces,
         chunk_end), a budget's worth per loop iteration, so a huge seed or text is interleaved with
-        decode steps instead of stalling them.
-        Which path a seed takes and where its chunks end depend only on the seed, so its text never
-        depends on others.
+        decode steps instead of stalling them. So do the seeds of requests that draw a `choice`: the
+        choices are scored when the seed ends, and their characters count against the budget.
+        Which path a seed takes and where its chunks end depend only on the request, so its text
+        never depends on others.
         """
         while short := self._take_waiting():  # requests that came in meanwhile go next, not after a step
             self._prefill_short(short)
@@ -331,9 +344,9 @@ class Engine:
             assert isinstance(handle, Generation)
             seed = handle.request.seed
             job = Prefill(self._encode(seed), gen=handle)
-            if self._decoder.row_invariant and job.ids.size(1) <= SHORT_SEED:
+            if self._decoder.row_invariant and job.ids.size(1) <= SHORT_SEED and _draw(handle.request) is None:
                 short.append(job)
-            elif leader := self._prefilling_seed(seed):
+            elif leader := self._prefilling_seed(handle.request):
                 leader.followers.append(job)
             else:
                 self._prefixes.resume_prefill(job, seed)
@@ -344,10 +357,13 @@ class Engine:
         """`text` as a batch of one row of ids on the model's device, as nn.LSTM takes it."""
         return self.vocab.encode(text).to(self.device)[None]
 
-    def _prefilling_seed(self, seed: str) -> Prefill | None:
-        """The long-seed job already running this seed, if any."""
+    def _prefilling_seed(self, request: GenerationRequest) -> Prefill | None:
+        """The long-seed job already running this request's seed, if any. One that draws a choice
+        follows only a job that draws from the same choices with the same settings: it shares that
+        job's scoring, and adds no scoring work of its own to the loop turn the job ends in."""
         for job in self._prefilling:
-            if isinstance(job, Prefill) and job.gen.request.seed == seed:
+            if (isinstance(job, Prefill) and job.gen.request.seed == request.seed
+                    and _draw(job.gen.request) == _draw(request)):
                 return job
         return None
 
@@ -380,8 +396,7 @@ class Engine:
         seed_chars = job.ids.size(1)
         if job.end_logits is not None:  # the whole seed came from the cache
             self._prefilling.popleft()
-            self._start_prefilled(job, job.end_logits[None])
-            return 1
+            return 1 + self._start_prefilled(job, job.end_logits[None])
         chunk = job.ids[:, job.pos : chunk_end(job.pos, seed_chars)]
         started = time.perf_counter()
         logits, job.state, _ = self.model(chunk, job.state)
@@ -394,18 +409,18 @@ class Engine:
         self._prefilling.popleft()
         last = logits[0, -1:]
         self._prefixes.keep(job, "end", seed_chars, logits=last[0].clone())
-        self._start_prefilled(job, last)
-        return chunk.size(1)
+        return chunk.size(1) + self._start_prefilled(job, last)
 
-    def _start_prefilled(self, job: Prefill, last: torch.Tensor) -> None:
+    def _start_prefilled(self, job: Prefill, last: torch.Tensor) -> int:
         """Sample the first character of a prefilled job's request and of each follower from `last`
-        (1, vocab), and give them rows with the job's final state."""
+        (1, vocab), and give them rows with the job's final state; return the characters the choices
+        drawn took to score (a prefill budget's worth of work, counted as such)."""
         assert job.state is not None
         h, c = job.state[0][:, 0], job.state[1][:, 0]
         jobs = [job, *job.followers]
         for follower in job.followers:
             follower.seconds = job.seconds
-        self._start_rows(jobs, last.expand(len(jobs), -1), lambda _: (h, c))
+        return self._start_rows(jobs, last.expand(len(jobs), -1), lambda _: (h, c))
 
     def _score_chunk(self, job: ScoreJob) -> int:
         """Run the next chunk of a text through nn.LSTM and score the characters it predicts; at the
@@ -437,8 +452,9 @@ class Engine:
         return n
 
     def _start_rows(self, jobs: list[Prefill], logits: torch.Tensor,
-                    state_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Sample each prefilled job's first character; give the unfinished ones a decode row.
+                    state_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Sample each prefilled job's first character; give the unfinished ones a decode row. Return
+        the characters scored to draw choices.
 
         `state_of(i)` is job i's LSTM state after its seed (h, c: layers x hidden each).
         """
@@ -453,10 +469,12 @@ class Engine:
                              min_p=0.0 if params.greedy else params.min_p, constraint=req.constraint,
                              steering=Steering(params, self._vocab_size, job.ids[0]) if params.steers else None))
         sampling = time.perf_counter()
-        self._draw_choices(rows, logits, state_of)
+        scored, failed = self._draw_choices(rows, logits, state_of)
         tokens = self._sample(rows, logits).tolist()
         self._attach_logprobs(rows, logits, tokens)
         for i, (job, row, token) in enumerate(zip(jobs, rows, tokens)):
+            if i in failed:
+                continue
             row.token = token
             row.prefill_s = job.seconds + (time.perf_counter() - sampling)
             row.decode_start = time.perf_counter()
@@ -471,23 +489,38 @@ class Engine:
             self._decoder.tokens[slot] = token
             self._rows.append(row)
             self._asking += row.logprobs is not None
+        return scored
 
     def _draw_choices(self, rows: list[Row], logits: torch.Tensor,
-                      state_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+                      state_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, set[int]]:
         """Hold each row with a `choice` to one of them, drawn whole (charlm/choice.py) with a uniform
-        of its own stream. Rows of one seed with the same settings share the scoring (n samples)."""
-        scored: dict[tuple[Any, ...], torch.Tensor] = {}
+        of its own stream; return the characters scored, and the rows whose scoring failed (their
+        requests have failed, alone). Scores are kept for the last few (seed, choices, bias, scale):
+        a seed's state is the same bits whoever sends it, so the n samples of a prompt, or a prompt
+        sent again, score once."""
+        chars, failed = 0, set()
         for i, row in enumerate(rows):
             constraint = row.constraint
             if constraint is None or constraint.choices is None:
                 continue
             params = row.sampler.params
-            key = (row.gen.request.seed, id(constraint), params.logit_bias, row.scale)
-            if key not in scored:
+            key = (row.gen.request.seed, _draw(row.gen.request))
+            if (scores := self._choice_scores.get(key)) is None:
                 bias = row.steering.bias if row.steering is not None else None
-                scored[key] = choice_logprobs(self.model, state_of(i), logits[i], constraint.choices, bias, row.scale)
+                try:
+                    scores = choice_logprobs(self.model, state_of(i), logits[i], constraint, bias, row.scale)
+                except Exception as exc:
+                    self._fail([row.gen], f"scoring the choices failed: {exc}")
+                    failed.add(i)
+                    continue
+                chars += sum(map(len, constraint.choices))
+                self._choice_scores[key] = scores
+                if len(self._choice_scores) > CHOICE_SCORES_KEPT:
+                    self._choice_scores.popitem(last=False)
+            self._choice_scores.move_to_end(key)
             most_likely = params.greedy or row.top_k == 1
-            row.constraint = constraint.only(draw_choice(scored[key], most_likely, row.sampler.uniform()))
+            row.constraint = constraint.only(draw_choice(scores, most_likely, row.sampler.uniform()))
+        return chars, failed
 
     def _fail(self, handles: Sequence[Handle[Any]], message: str) -> None:
         for handle in handles:

@@ -7,6 +7,7 @@ import collections
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,13 @@ from app.settings import Settings
 from charlm.checkpoint import Checkpoint
 from charlm.choice import choice_logprobs, draw_choice
 from charlm.constraint import Constraint, ConstraintError, compile_constraint
-from charlm.engine import Engine
+from charlm.engine import Engine, EngineHooks
+from charlm.handles import Generation
 from charlm.model import CharLSTM, ModelConfig
 from charlm.request import EngineLimits, GenerationRequest, ScoreRequest
 from charlm.sampling import SamplingParams
 from charlm.vocab import Vocab
+from tests.conftest import WORDS
 from tests.server import running_server
 
 LIMITS = EngineLimits(max_batch=64, max_queue=256)
@@ -204,24 +207,62 @@ def test_choice_frequencies_follow_the_models_probabilities_from_score(tiny_chec
 
 
 def test_choice_scores_are_the_models_and_take_the_bias_and_scale(tiny: Checkpoint) -> None:
-    seed = "Along "
-    ids = tiny.vocab.encode(seed)[None]
+    """Each choice's score is /score's log-probability of it after the seed; with a bias and a scale,
+    the sum of what the sampler's distribution gives its characters; a choice another extends ("w"
+    beside "wood") also counts the probability of a character that continues neither."""
+    seed, texts = "Along ", [*CHOICES, "w"]
     with torch.inference_mode():
-        logits, (h, c), _ = tiny.model(ids)
-    choices = tuple(tuple(tiny.vocab.encode(text).tolist()) for text in CHOICES + ["w"])
-    got = choice_logprobs(tiny.model, (h[:, 0], c[:, 0]), logits[0, -1], choices)
+        logits, (h, c), _ = tiny.model(tiny.vocab.encode(seed)[None])
+    constraint = compile_constraint(Constraint.of("choice", texts), tiny.vocab.chars)
+
+    def scores(bias: torch.Tensor | None = None, scale: float = 1.0) -> list[float]:
+        return choice_logprobs(tiny.model, (h[:, 0], c[:, 0]), logits[0, -1], constraint, bias, scale).tolist()
+
+    def reference(text: str, bias: torch.Tensor, scale: float) -> float:
+        """The same sum, the plain way: the model over seed + text, each position's distribution."""
+        with torch.inference_mode():
+            z, _, _ = tiny.model(tiny.vocab.encode(seed + text)[None])
+        lp = torch.log_softmax((z[0].float() + bias).double() * scale, dim=-1)
+        ids = tiny.vocab.encode(seed + text).tolist()
+        return sum(float(lp[t - 1, ids[t]]) for t in range(len(seed), len(ids)))
+
+    plain = scores()
     with Engine(tiny.model, tiny.vocab, LIMITS) as engine:
-        for k, text in enumerate(CHOICES + ["w"]):
+        for k, text in enumerate(CHOICES):
             scored = engine.score(ScoreRequest(seed + text)).result(timeout=60)
-            assert float(got[k]) == pytest.approx(sum(e.logprob or 0.0 for e in scored.per_char[len(seed):]), abs=1e-4)
-    ban_w = torch.zeros(len(tiny.vocab))
-    ban_w[tiny.vocab.chars.index("w")] = -100
-    banned = choice_logprobs(tiny.model, (h[:, 0], c[:, 0]), logits[0, -1], choices, ban_w)
-    assert float(banned[3]) < -90 and float(banned[0]) > float(got[0])  # the others gain the banned mass
-    sharper = choice_logprobs(tiny.model, (h[:, 0], c[:, 0]), logits[0, -1], choices, scale=2.0)
-    assert float(sharper[0]) > float(got[0])  # the likeliest grows likelier
-    assert draw_choice(got, greedy=True, uniform=0.99) == int(got.argmax())
+            assert plain[k] == pytest.approx(sum(e.logprob or 0.0 for e in scored.per_char[len(seed):]), abs=1e-4)
+        after_w = engine.score(ScoreRequest(seed + "wo")).result(timeout=60).per_char
+    p_o = math.exp(after_w[-1].logprob or 0.0)  # "o" is the only character that continues "w" (into "wood")
+    assert plain[4] == pytest.approx((after_w[-2].logprob or 0.0) + math.log1p(-p_o), abs=1e-4)
+    bias = torch.zeros(len(tiny.vocab))
+    bias[tiny.vocab.chars.index("h")] = -3.0
+    bias[tiny.vocab.chars.index("s")] = 2.0
+    steered = scores(bias, 0.7)
+    for k, text in enumerate(CHOICES):
+        assert steered[k] == pytest.approx(reference(text, bias, 0.7), abs=1e-4)
+    assert draw_choice(torch.tensor(plain), greedy=True, uniform=0.99) == max(range(5), key=plain.__getitem__)
     assert draw_choice(torch.tensor([float("-inf"), 0.0]), greedy=False, uniform=0.0) == 1  # never the impossible
+
+
+def test_a_choice_that_another_extends_ends_by_the_models_odds(tiny: Checkpoint) -> None:
+    """Among "th", "the" and "the s", "th" is drawn with the probability that the model writes "th" and
+    then anything but "e" (about 10 % here), not with all of its probability of writing "th" (which
+    would make it about half the draws)."""
+    seed, texts, draws = "Along ", ["th", "the", "the s"], 250
+    constraint = compile_constraint(Constraint.of("choice", texts), tiny.vocab.chars)
+    with Engine(tiny.model, tiny.vocab, LIMITS) as engine:
+        def prob(text: str) -> float:
+            per_char = engine.score(ScoreRequest(seed + text)).result(timeout=60).per_char
+            return math.exp(sum(e.logprob or 0.0 for e in per_char[len(seed):]))
+
+        # each ends with the probability of a character that continues no choice: not "e", not " "
+        weights = [prob("th") - prob("the"), prob("the") - prob("the "), prob("the s")]
+        drawn = collections.Counter(g.result(timeout=120).generated for g in engine.submit_many(
+            [GenerationRequest(seed, length=20, random_seed=s, constraint=constraint) for s in range(draws)]))
+    assert set(drawn) <= set(texts) and sum(drawn.values()) == draws
+    for text, weight in zip(texts, weights):
+        p = weight / sum(weights)
+        assert abs(drawn[text] / draws - p) <= 4 * math.sqrt(p * (1 - p) / draws) + 1 / draws, (drawn, weights)
 
 
 def test_a_banned_character_rules_out_the_choices_that_hold_it(tiny_checkpoint_path: Path, tiny: Checkpoint) -> None:
@@ -302,3 +343,44 @@ def test_a_compile_child_that_starts_large_still_compiles() -> None:
     asked = json.dumps({"kind": "regex", "spec": "[a-z]{3}", "chars": list(ASCII)}).encode()
     done = subprocess.run([sys.executable, "-c", code], input=asked, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stdout[:300] + done.stderr[-300:]
+
+
+def test_choices_drawn_together_keep_their_own_settings(tiny: Checkpoint) -> None:
+    """One seed, one list, in one batch: top_k 1 takes the likeliest, a bias that bans "t" leaves only
+    "wood", and each gives the same text again once its scores are kept."""
+    constraint = compile_constraint(Constraint.of("choice", CHOICES), tiny.vocab.chars)
+    ban_t = SamplingParams(logit_bias=((tiny.vocab.chars.index("t"), -100.0),))
+    requests = [GenerationRequest("Along ", length=20, random_seed=s, constraint=constraint, sampling=p)
+                for s in range(4) for p in (SamplingParams(top_k=1), ban_t, SamplingParams())]
+    with Engine(tiny.model, tiny.vocab, LIMITS) as engine:
+        first = [g.result(timeout=60).generated for g in engine.submit_many(requests)]
+        again = [g.result(timeout=60).generated for g in engine.submit_many(requests)]
+    assert first == again
+    assert set(first[0::3]) == {"the shore"} and set(first[1::3]) == {"wood"}  # the likeliest; the one left
+    assert len(set(first[2::3])) > 1
+
+
+def test_scoring_choices_is_interleaved_with_decode_steps(tiny: Checkpoint) -> None:
+    """Scoring 3,500 characters of choices is several prefill chunks of work: requests that each bring
+    that much start one per loop turn, with a decode step of the running request between them."""
+    words = "".join(ch for ch in " ".join(WORDS) + " " if ch in tiny.vocab.chars)  # the tiny vocabulary's
+    long_choices = [(words * 8)[k : k + 500] for k in range(7)]
+    constraint = compile_constraint(Constraint.of("choice", long_choices), tiny.vocab.chars)
+    events: list[str] = []
+
+    def started(gen: Generation, index: int) -> None:
+        if index == 0 and gen.request.constraint is not None:
+            events.append("start")
+
+    hooks = EngineHooks(before_step=lambda: events.append("step"), on_char=started)
+    with Engine(tiny.model, tiny.vocab, LIMITS, hooks=hooks) as engine:
+        running = engine.submit(GenerationRequest("The ", length=2000, random_seed=1))
+        while "step" not in events:
+            time.sleep(0.001)  # waits for the worker, whatever its pace: nothing is raced
+        gens = engine.submit_many([GenerationRequest("The ", length=600, random_seed=s, constraint=constraint,
+                                                     sampling=SamplingParams(scale_factor=1.0 + s / 10))
+                                   for s in range(4)])
+        assert {g.result(timeout=300).generated for g in gens} <= set(long_choices)
+        running.cancel()
+    starts = [i for i, e in enumerate(events) if e == "start"]
+    assert len(starts) == 4 and all("step" in events[a:b] for a, b in zip(starts, starts[1:])), events[starts[0]:]
