@@ -67,6 +67,7 @@ SHORT_SEED = 64
 # Choice scores kept for requests that draw from the same choices after the same seed (charlm/choice.py).
 CHOICE_SCORES_KEPT = 16
 
+
 @dataclass(frozen=True)
 class EngineHooks:
     """Seams for tests and diagnostics to act inside the worker (pace it, inject a fault) without
