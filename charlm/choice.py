@@ -47,7 +47,7 @@ def choice_logprobs(model: CharLSTM, state: tuple[torch.Tensor, torch.Tensor], f
         return torch.log_softmax(z.double() * scale, dim=-1)
 
     total = logprobs(first)[torch.tensor([c[0] for c in choices], device=device)]
-    ends = [_end_state(constraint, c) for c in choices]
+    ends = [constraint.state_after(c) for c in choices]
     # Each element: (input id, the id it predicts or -1 for "ends here", which choice), packed together.
     elements = [[(a, b, k) for a, b in zip(c, c[1:])] + ([(c[-1], -1, k)] if constraint.grows[ends[k]] else [])
                 for k, c in enumerate(choices)]
@@ -67,14 +67,6 @@ def choice_logprobs(model: CharLSTM, state: tuple[torch.Tensor, torch.Tensor], f
         stays = torch.from_numpy(constraint.allowed[ends]).to(device)[which[ending]]
         scores[ending] = torch.logsumexp(lp[ending].masked_fill(stays, float("-inf")), dim=1)
     return total.index_add(0, which, scores)
-
-
-def _end_state(constraint: CompiledConstraint, ids: tuple[int, ...]) -> int:
-    """The trie's state after a choice's characters."""
-    state = 0
-    for i in ids:
-        state = int(constraint.next[state, i])
-    return state
 
 
 def draw_choice(logprobs: torch.Tensor, greedy: bool, uniform: float) -> int:

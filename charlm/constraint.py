@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,6 +65,11 @@ class ConstraintError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+    def param(self, name: str) -> str:
+        """The field as a request names it, under the parameter `name` that holds the constraint
+        (`constraint.regex`, `structured_outputs.choice`; the parameter itself for the whole of it)."""
+        return name if self.field == "constraint" else f"{name}.{self.field}"
 
 
 @dataclass(frozen=True)
@@ -124,14 +130,19 @@ class CompiledConstraint:
     def states(self) -> int:
         return len(self.accepting)
 
-    def matches(self, ids: list[int]) -> bool:
-        """Whether these vocabulary ids spell a complete match (what tests and callers check)."""
+    def state_after(self, ids: Sequence[int]) -> int:
+        """The state these vocabulary ids lead to from the start; -1 where one is not allowed."""
         state = 0
         for i in ids:
             state = int(self.next[state, i])
             if state < 0:
-                return False
-        return bool(self.accepting[state])
+                return -1
+        return state
+
+    def matches(self, ids: list[int]) -> bool:
+        """Whether these vocabulary ids spell a complete match (what tests and callers check)."""
+        state = self.state_after(ids)
+        return state >= 0 and bool(self.accepting[state])
 
     def can_spell(self, ids: list[int]) -> bool:
         """Whether these ids can appear somewhere in a text that matches: from some state they all go

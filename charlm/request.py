@@ -255,9 +255,8 @@ def _validate_constraint(request: GenerationRequest, vocab: Vocab) -> None:
     assert constraint is not None
     if constraint.chars != vocab.chars:
         raise RequestError("constraint", "was compiled for another vocabulary: compile it for this model's")
-    ids = {c: i for i, c in enumerate(vocab.chars)}
     for s in request.stop:
-        if not all(c in ids for c in s) or not constraint.can_spell([ids[c] for c in s]):
+        if vocab.unknown(s) or not constraint.can_spell(vocab.encode(s).tolist()):
             raise RequestError("stop", f"{s!r} can never appear in a text that matches the constraint, so it "
                                "would never stop it: remove it, or change the constraint")
 

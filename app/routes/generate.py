@@ -40,8 +40,7 @@ async def submitted(body: GenerateRequest, request: Request) -> tuple[Generation
         try:
             constraint = await compiled(body.constraint, served.checkpoint.vocab)
         except ConstraintError as exc:
-            raise refusal(RequestError(f"constraint.{exc.field}" if exc.field != "constraint" else "constraint",
-                                       exc.message), metrics) from None
+            raise refusal(RequestError(exc.param("constraint"), exc.message), metrics) from None
         try:
             return served.engine.submit(
                 GenerationRequest(

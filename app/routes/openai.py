@@ -97,7 +97,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         try:
             constraint = await compiled(body.structured_outputs, served.engine.vocab)
         except ConstraintError as exc:
-            param = "structured_outputs" + ("" if exc.field == "constraint" else f".{exc.field}")
+            param = exc.param("structured_outputs")
             raise ApiError(400, f"Invalid value for '{param}': {exc.message}", param=param) from None
         plan = plan_of(body, served.id, served.engine.vocab,
                        PlanLimits(settings.max_choices, settings.max_logprob_values), constraint)
