@@ -61,26 +61,44 @@ def send(server: Server, body: dict, read: bool = True) -> tuple[socket.socket, 
     return sock, b"".join(chunks).decode(errors="replace")
 
 
-class HealthWatch:
-    """GET /health in a loop on its own thread; the slowest answer seen."""
+class Watch:
+    """Calls `poll` on its own thread every `interval` seconds until `stop`, which returns `value`."""
 
-    def __init__(self, server: Server):
-        self.server, self.slowest, self._stop = server, 0.0, threading.Event()
+    def __init__(self, interval: float):
+        self.interval, self.value, self._stop = interval, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
-                start = time.monotonic()
-                client.get(f"{self.server.url}/health")
-                self.slowest = max(self.slowest, time.monotonic() - start)
-                time.sleep(0.05)
+        while not self._stop.is_set():
+            self.poll()
+            time.sleep(self.interval)
+
+    def poll(self) -> None:
+        raise NotImplementedError
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        return self.slowest
+        return self.value
+
+
+class HealthWatch(Watch):
+    """GET /health every 50 ms; `value` is the slowest answer seen, in seconds."""
+
+    def __init__(self, server: Server):
+        self.server, self.client = server, httpx.Client(timeout=60)
+        super().__init__(0.05)
+
+    def poll(self) -> None:
+        start = time.monotonic()
+        self.client.get(f"{self.server.url}/health")
+        self.value = max(self.value, time.monotonic() - start)
+
+    def stop(self) -> float:
+        slowest = super().stop()
+        self.client.close()
+        return slowest
 
 
 def scenario(name: str, run: Callable[[Server], str]) -> None:
@@ -96,28 +114,21 @@ def scenario(name: str, run: Callable[[Server], str]) -> None:
               flush=True)
 
 
-class ChildWatch:
-    """The largest resident set of any child of `pid` (the constraint compiler), polled every 5 ms."""
+class ChildWatch(Watch):
+    """Every 5 ms, the resident set of each child of `pid` (the constraint compiler); `value` is the
+    largest seen, in MiB."""
 
     def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.pid = pid
+        super().__init__(0.005)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for children in Path(f"/proc/{self.pid}/task").glob("*/children"):
-                for child in children.read_text().split():
-                    try:
-                        self.peak = max(self.peak, mib(int(child), "VmHWM"))
-                    except (OSError, RuntimeError):  # it ended meanwhile
-                        pass
-            time.sleep(0.005)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
+    def poll(self) -> None:
+        for children in Path(f"/proc/{self.pid}/task").glob("*/children"):
+            for child in children.read_text().split():
+                try:
+                    self.value = max(self.value, mib(int(child), "VmHWM"))
+                except (OSError, RuntimeError):  # it ended meanwhile
+                    pass
 
 
 def compiling_beside_the_largest(server: Server) -> str:
